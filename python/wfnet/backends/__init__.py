@@ -1,0 +1,144 @@
+"""Backend registry and dispatch for the weight-filtering ops.
+
+Every backend computes the same function (see ``wfnet.ops``); they differ in how. A backend is an object with
+
+* ``name``
+* ``unsupported(op, x, weight, ...) -> list[str]``: the reasons it cannot take this input (empty list = it can);
+* ``conv2d(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups)``;
+* ``linear(x, weight, bias, alpha_weight, alpha_bias, rows)``.
+
+The ops hand backends *normalised* arguments: rows already validated (int64, on x's device, in range), padding as a
+pair of ints (string / asymmetric padding is resolved beforehand), stride and dilation as pairs.
+
+Selection (xformers-style): an explicitly requested backend that cannot take the input raises
+:class:`BackendUnavailableError` listing every reason; ``"auto"`` walks the preference list for the device and takes
+the first backend with no reasons. Backends whose module fails to import (no Triton, no compiled extension) report
+that as their reason, so an explicit request explains how to fix it.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from typing import Iterator
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "get_backend",
+    "resolve_backend",
+    "set_backend",
+    "use_backend",
+    "BACKEND_NAMES",
+]
+
+# name -> module that defines a module-level ``BACKEND`` object. Imported lazily: Triton and the CUDA extension are
+# optional, and importing Triton kernels must happen after TRITON_INTERPRET is set.
+_BACKEND_MODULES = {
+    "naive": "wfnet.backends.naive",
+    "torch": "wfnet.backends.torch_ref",
+    "triton": "wfnet.backends.triton",
+    "cuda": "wfnet.backends.cuda",
+}
+BACKEND_NAMES = ("auto",) + tuple(_BACKEND_MODULES)
+
+# "auto" preference per device type. The naive path is a reference, never picked automatically.
+_AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch"),
+}
+_DEFAULT_AUTO_ORDER = ("torch",)
+
+_loaded: dict[str, object] = {}
+_import_errors: dict[str, str] = {}
+_state = threading.local()
+_global_default: str | None = None
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when an explicitly requested backend cannot run the given input."""
+
+
+def _load(name: str):
+    if name in _loaded:
+        return _loaded[name]
+    if name in _import_errors:
+        return None
+    try:
+        mod = importlib.import_module(_BACKEND_MODULES[name])
+        _loaded[name] = mod.BACKEND
+        return mod.BACKEND
+    except Exception as exc:  # optional dependency missing / extension not built
+        hint = getattr(exc, "wfnet_hint", None)
+        _import_errors[name] = f"backend '{name}' failed to import: {exc!r}" + (f" ({hint})" if hint else "")
+        return None
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide default backend ("auto", "naive", "torch", "triton", "cuda"); None restores the default
+    (the ``WFNET_BACKEND`` environment variable, else "auto")."""
+    global _global_default
+    _global_default = None if name is None else _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend name the ops use when called with ``backend=None``."""
+    override = getattr(_state, "stack", None)
+    if override:
+        return override[-1]
+    if _global_default is not None:
+        return _global_default
+    return _check_name(os.environ.get("WFNET_BACKEND", "auto"))
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: use backend ``name`` for the ops called inside (this thread only)."""
+    _check_name(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def available_backends() -> dict[str, str | None]:
+    """Map every backend name to None if it imports, else the import error (useful for diagnostics)."""
+    return {name: (None if _load(name) is not None else _import_errors.get(name)) for name in _BACKEND_MODULES}
+
+
+def _reasons(name: str, op: str, args: dict) -> list[str]:
+    backend = _load(name)
+    if backend is None:
+        return [_import_errors[name]]
+    return list(backend.unsupported(op, **args))
+
+
+def resolve_backend(op: str, requested: str | None, args: dict):
+    """Return the backend object that runs ``op`` on ``args`` (the normalised op arguments)."""
+    name = _check_name(requested) if requested is not None else get_backend()
+    if name != "auto":
+        reasons = _reasons(name, op, args)
+        if reasons:
+            raise BackendUnavailableError(
+                f"backend {name!r} cannot run wf_{op} on this input:\n  - " + "\n  - ".join(reasons)
+            )
+        return _loaded[name]
+    order = _AUTO_ORDER.get(args["x"].device.type, _DEFAULT_AUTO_ORDER)
+    all_reasons = {}
+    for candidate in order:
+        reasons = _reasons(candidate, op, args)
+        if not reasons:
+            return _loaded[candidate]
+        all_reasons[candidate] = reasons
+    lines = [f"{n}: {'; '.join(r)}" for n, r in all_reasons.items()]
+    raise BackendUnavailableError(f"no backend can run wf_{op} on this input:\n  - " + "\n  - ".join(lines))

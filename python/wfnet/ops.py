@@ -1,0 +1,142 @@
+"""Functional weight-filtering ops: the single source of truth for the math.
+
+For a batch of B samples, each with a class row r_n in [0, N_c):
+
+    wf_conv2d: out[n] = conv(x[n], sigmoid(A_w[r_n])[:, None, None, None] * W) + sigmoid(A_b[r_n]) * b
+    wf_linear: out[n, t] = sigmoid(A_w[r_n]) * (W x[n, t]) + sigmoid(A_b[r_n]) * b      for every token t
+
+``alpha_weight`` / ``alpha_bias`` are the raw gate logits [N_c, C_out] (the sigmoid is applied inside). ``rows`` is an
+int64 tensor [B] (or one int for the whole batch); ``rows=None`` means the plain, unfiltered layer. A layer without
+bias passes ``bias=None`` (and then ``alpha_bias`` must be None too).
+
+Rows are validated here, in Python, before any backend or kernel sees them: an out-of-range row raises
+``ValueError`` naming the value and ``num_classes``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backends import resolve_backend
+
+__all__ = ["wf_conv2d", "wf_linear", "check_rows"]
+
+
+def _pair(v, name):
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(i) for i in v)
+    if len(v) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {v}")
+    return v
+
+
+def check_rows(rows, batch: int, num_classes: int, device) -> torch.Tensor | None:
+    """Validate and normalise ``rows`` to an int64 tensor [batch] on ``device`` (None stays None).
+
+    Raises TypeError for a non-integer dtype, ValueError for a wrong shape or an out-of-range value.
+    """
+    if rows is None:
+        return None
+    if isinstance(rows, bool):
+        raise TypeError("forget rows must be an int or an integer tensor, got a bool")
+    if isinstance(rows, int):
+        if not 0 <= rows < num_classes:
+            raise ValueError(f"forget row {rows} is out of range: num_classes={num_classes}, valid rows are "
+                             f"0..{num_classes - 1}")
+        return torch.full((batch,), rows, dtype=torch.long, device=device)
+    if not isinstance(rows, torch.Tensor):
+        rows = torch.as_tensor(rows)
+    if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
+        raise TypeError(f"forget rows must be an integer tensor (int64 class ids), got dtype {rows.dtype}")
+    if rows.dim() == 0:
+        return check_rows(int(rows), batch, num_classes, device)
+    if rows.dim() != 1 or rows.shape[0] != batch:
+        raise ValueError(f"forget rows must have shape [{batch}] (one class row per sample), got {list(rows.shape)}")
+    rows = rows.to(device=device, dtype=torch.long)
+    if rows.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"forget row {bad} is out of range: num_classes={num_classes}, valid rows are "
+                             f"0..{num_classes - 1}")
+    return rows
+
+
+def _check_alphas(weight, bias, alpha_weight, alpha_bias):
+    c_out = weight.shape[0]
+    if alpha_weight.dim() != 2 or alpha_weight.shape[1] != c_out:
+        raise ValueError(f"alpha_weight must have shape [num_classes, {c_out}], got {list(alpha_weight.shape)}")
+    if bias is None and alpha_bias is not None:
+        raise ValueError("alpha_bias given for a layer without bias")
+    if alpha_bias is not None and alpha_bias.shape != alpha_weight.shape:
+        raise ValueError(f"alpha_bias must have the shape of alpha_weight {list(alpha_weight.shape)}, "
+                         f"got {list(alpha_bias.shape)}")
+    return alpha_weight.shape[0]
+
+
+def _check_device(x, **tensors):
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"input is on {x.device} but {name} is on {t.device}; move the layer or the input "
+                             f"so that both are on the same device")
+
+
+def _resolve_conv_padding(x, weight, stride, padding, dilation):
+    """Turn "valid" / "same" / ints into a symmetric int pair, pre-padding x when "same" needs asymmetric padding."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return x, (0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be 'valid', 'same', an int or a pair, got {padding!r}")
+        if stride != (1, 1):
+            raise ValueError("padding='same' is not supported for strided convolutions (as in PyTorch)")
+        pads = []
+        for d, k in zip(dilation, weight.shape[2:]):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        if all(lo == hi for lo, hi in pads):
+            return x, (pads[0][0], pads[1][0])
+        # PyTorch's convention for odd total padding: the extra element goes to the end.
+        x = F.pad(x, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
+        return x, (0, 0)
+    return x, _pair(padding, "padding")
+
+
+def wf_conv2d(x, weight, bias, alpha_weight, alpha_bias, rows, stride=1, padding=0, dilation=1, groups=1,
+              backend=None):
+    """Filtered 2-d convolution (see the module docstring). ``x`` is [B, C_in, H, W], any memory format."""
+    if rows is None:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if x.dim() != 4:
+        raise ValueError(f"wf_conv2d expects a 4-d input [B, C, H, W], got shape {list(x.shape)}")
+    num_classes = _check_alphas(weight, bias, alpha_weight, alpha_bias)
+    _check_device(x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias)
+    rows = check_rows(rows, x.shape[0], num_classes, x.device)
+    return _conv2d_checked(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups, backend)
+
+
+def _conv2d_checked(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups, backend):
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    x, padding = _resolve_conv_padding(x, weight, stride, padding, dilation)
+    args = dict(x=x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias, rows=rows,
+                stride=stride, padding=padding, dilation=dilation, groups=int(groups))
+    return resolve_backend("conv2d", backend, args).conv2d(**args)
+
+
+def wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows, backend=None):
+    """Filtered linear layer. ``x`` is [B, ..., F_in]; every token of sample n uses row ``rows[n]``."""
+    if rows is None:
+        return F.linear(x, weight, bias)
+    if x.dim() < 2:
+        raise ValueError(f"wf_linear expects an input [B, ..., F_in] with a batch dimension, got shape "
+                         f"{list(x.shape)}")
+    num_classes = _check_alphas(weight, bias, alpha_weight, alpha_bias)
+    _check_device(x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias)
+    rows = check_rows(rows, x.shape[0], num_classes, x.device)
+    return _linear_checked(x, weight, bias, alpha_weight, alpha_bias, rows, backend)
+
+
+def _linear_checked(x, weight, bias, alpha_weight, alpha_bias, rows, backend):
+    args = dict(x=x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias, rows=rows)
+    return resolve_backend("linear", backend, args).linear(**args)

@@ -1,0 +1,98 @@
+"""Saving and loading the gate matrices with safetensors (never pickle), written atomically.
+
+A filters file holds, for every filtered layer ``name``, the tensors ``name.alpha_weight`` (and ``name.alpha_bias``),
+plus string metadata: ``format`` ("wfnet-filters"), ``num_classes``, ``layers`` (JSON list, model order),
+``wfnet_version``, ``backbone`` (the inner model's class) and any extra user metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .model import WFModel
+
+__all__ = ["save_filters", "load_filters", "read_filters_metadata", "atomic_write"]
+
+FORMAT = "wfnet-filters"
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one, never half."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_filters(wf: WFModel, path, metadata: dict | None = None) -> None:
+    """Save only the gate matrices of ``wf`` (plus metadata) to a safetensors file, atomically."""
+    from . import __version__
+
+    if not isinstance(wf, WFModel):
+        raise TypeError(f"save_filters expects a WFModel, got {type(wf).__name__}")
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in wf.named_filter_parameters()}
+    meta = {
+        "format": FORMAT,
+        "num_classes": str(wf.num_classes),
+        "layers": json.dumps(wf.layer_names),
+        "wfnet_version": __version__,
+        "backbone": type(wf.model).__name__,
+    }
+    for k, v in (metadata or {}).items():
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_filters_metadata(path) -> dict:
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_filters(wf: WFModel, path) -> dict:
+    """Load gates saved by :func:`save_filters` into ``wf`` after checking they fit; returns the file's metadata.
+
+    Raises ValueError (nothing is modified) when the file is not a wfnet filters file, or its num_classes, layer
+    names or tensor shapes differ from the model's.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no filters file at {path}")
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a wfnet filters file (metadata format={meta.get('format')!r})")
+        n = int(meta["num_classes"])
+        if n != wf.num_classes:
+            raise ValueError(f"{path} holds gates for num_classes={n}, the model has num_classes={wf.num_classes}")
+        layers = json.loads(meta["layers"])
+        if layers != wf.layer_names:
+            missing = sorted(set(wf.layer_names) - set(layers))
+            extra = sorted(set(layers) - set(wf.layer_names))
+            raise ValueError(f"{path} does not match the model's filtered layers: missing from file {missing}, "
+                             f"not in model {extra}" + ("" if missing or extra else " (different order)"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    params = dict(wf.named_filter_parameters())
+    if set(tensors) != set(params):
+        raise ValueError(f"{path} gate tensors {sorted(set(tensors) ^ set(params))} do not match the model")
+    for k, p in params.items():
+        if tuple(tensors[k].shape) != tuple(p.shape):
+            raise ValueError(f"{path}: {k} has shape {list(tensors[k].shape)}, the model expects {list(p.shape)}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k].to(p.device, p.dtype))
+    return meta
