@@ -1,0 +1,102 @@
+"""Classifiers by name, adapted to the data: the paper's backbones plus a small CNN for the CPU demo.
+
+* ``small_cnn``: three 3x3 conv blocks (32/64/128 channels, BatchNorm, ReLU, max-pool) and a linear head; all three
+  convs are filtered. Fast enough to train and untrain on 2 CPU cores in seconds on the embedded digits.
+* ``vgg16``, ``resnet18`` (torchvision): for inputs of 64 px or less the stems are adapted the usual CIFAR way —
+  ResNet-18 gets a 3x3 stride-1 first conv and no max-pool; VGG-16 keeps its 13 convs and gets a global-pool
+  512 -> num_classes head. Grey inputs get a first conv with ``in_chans`` inputs.
+* ``vit_tiny``, ``vit_small`` (timm ``vit_tiny_patch16_224`` / ``vit_small_patch16_224``) with ``img_size`` set to the
+  data and patch size 4 for inputs of 64 px or less (16 otherwise).
+* any other torchvision classification model name, or timm model name, built with ``num_classes`` (and
+  ``in_chans`` / ``img_size`` for timm).
+
+No weights are downloaded: models start random and are trained with ``wfnet train``.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+__all__ = ["build_model", "MODEL_NAMES", "min_image_size"]
+
+MODEL_NAMES = ("small_cnn", "vgg16", "resnet18", "vit_tiny", "vit_small")
+_VIT = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224"}
+_SMALL_INPUT = 64  # at or below this many pixels, use the CIFAR-style stems / patch size 4
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks and a linear head; the calibration network of method.md section 6, with BatchNorm."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, widths=(32, 64, 128)):
+        super().__init__()
+        layers, c = [], in_chans
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def min_image_size(name: str) -> int:
+    """The smallest input side the named model accepts (VGG-16's five max-pools need 32)."""
+    return 32 if name == "vgg16" else 8
+
+
+def _first_conv(conv: nn.Conv2d, in_chans: int, **overrides) -> nn.Conv2d:
+    kw = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding, bias=conv.bias is not None)
+    kw.update(overrides)
+    return nn.Conv2d(in_chans, conv.out_channels, **kw)
+
+
+def build_model(name: str, num_classes: int, in_chans: int = 3, image_size: int = 32) -> nn.Module:
+    """Build a randomly initialised classifier ``name`` for ``num_classes`` classes of in_chans x image_size^2."""
+    import torchvision
+
+    small = image_size <= _SMALL_INPUT
+    if name == "small_cnn":
+        return SmallCNN(num_classes, in_chans)
+    if name == "resnet18":
+        m = torchvision.models.resnet18(num_classes=num_classes)
+        if small:
+            m.conv1 = _first_conv(m.conv1, in_chans, kernel_size=3, stride=1, padding=1)
+            m.maxpool = nn.Identity()
+        elif in_chans != 3:
+            m.conv1 = _first_conv(m.conv1, in_chans)
+        return m
+    if name == "vgg16":
+        if image_size < 32:
+            raise ValueError(f"vgg16 needs inputs of at least 32 px (five max-pools), got image_size={image_size}")
+        m = torchvision.models.vgg16(num_classes=num_classes)
+        if in_chans != 3:
+            m.features[0] = _first_conv(m.features[0], in_chans)
+        if small:
+            m.avgpool = nn.AdaptiveAvgPool2d(1)
+            m.classifier = nn.Linear(512, num_classes)
+        return m
+    if name in _VIT:
+        import timm
+
+        return timm.create_model(_VIT[name], pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                 img_size=image_size, patch_size=4 if small else 16)
+    # Any other name: torchvision first, then timm.
+    try:
+        m = torchvision.models.get_model(name, num_classes=num_classes)
+    except ValueError:
+        m = None
+    if m is not None:
+        if in_chans != 3:
+            raise ValueError(f"torchvision model {name!r} is built for 3 input channels; got in_chans={in_chans}")
+        return m
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)}, a torchvision "
+                         f"classification model name or a timm model name")
+    kwargs = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    try:
+        return timm.create_model(name, img_size=image_size, **kwargs)
+    except TypeError:  # CNNs in timm take no img_size
+        return timm.create_model(name, **kwargs)

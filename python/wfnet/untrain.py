@@ -1,0 +1,289 @@
+"""Single-round multi-class untraining: teach the gates of a wrapped model to forget ANY class on demand.
+
+One mini-batch of B samples trains all class rows at once by *label expansion* (method.md section 3):
+
+* forget half (B/2 samples): each runs with row = its own label; its cross-entropy CE_f should go UP;
+* retain half (B/2 samples), replicated ``chi`` times: each copy runs with a row drawn uniformly among the classes
+  other than its label; its cross-entropy CE_r should stay low.
+
+One forward pass over the B/2 + chi*B/2 samples (each with its own row), then
+
+    L = lambda_retain * mean(CE_r) + lambda_forget * F(CE_f) + lambda_reg * R(alpha)
+    R(alpha) = mean over every filtered gate entry of (1 - sigmoid(alpha))        (**decision**, method.md)
+    F = mean(1 / (CE_f + eps))   ("mean_inverse", the paper's Eq. 3)   or   1 / (mean(CE_f) + eps)  ("inverse_mean")
+
+Only the gates train; the original weights stay frozen and the whole network runs in eval mode (**decision**:
+BatchNorm statistics and dropout of the frozen network must not change; it also makes runs exactly repeatable).
+
+Two recipes (every value can be overridden):
+
+* ``paper``: the paper's hyper-parameters: plain SGD with lr 100 on the gate logits (**decision**: SGD, since the
+  paper's "learning rate 100" is meaningless for Adam), lambdas (1, 10, 1) for CNNs and (1, 100, 1) for ViTs,
+  ``mean_inverse`` with eps 1e-6 (**decision**: the guard against division by zero), alpha init 3, batch 128, chi 3,
+  early stopping with patience 10 validations, 5 validations per epoch on the validation loss.
+* ``tuned`` (the default): what our MNIST calibration (method.md section 6, and docs/recipes.md) showed to keep
+  retain accuracy: Adam lr 0.1, gate logits clamped to [-6, 6] after every step so sigmoid' never vanishes (with lr
+  100 the gates saturate and never reopen), eps 0.05 so one very confident forget sample (CE ~ 0.01 -> 1/CE ~ 100)
+  cannot dominate a batch, and a heavier retain weight. Same label expansion, batch, chi, init and early stopping.
+
+Checkpoints: at every validation the full training state (current and best gates, optimizer state, counters, history)
+is written atomically to ``<run>/untrain_state.safetensors``; ``resume=True`` continues from it to the same result
+(the data order and the random rows are functions of (seed, epoch, step), not of a global RNG). At the end the best
+gates (lowest validation loss) are loaded into the model.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoint import load_state, optimizer_from_flat, optimizer_to_flat, save_state
+from .distributed import DistInfo, all_reduce_mean, shard
+from .layers import WFLinear
+from .model import WFModel
+
+__all__ = ["UntrainConfig", "recipe", "expand_batch", "untrain_loss", "gate_regulariser", "untrain", "RECIPES"]
+
+RECIPES = ("paper", "tuned")
+
+
+@dataclass
+class UntrainConfig:
+    optimizer: str = "adam"           # "sgd" or "adam" (on the gate logits only)
+    lr: float = 0.1
+    lambda_retain: float = 10.0       # lambda0
+    lambda_forget: float = 10.0       # lambda1
+    lambda_reg: float = 1.0           # lambda2
+    forget_loss: str = "mean_inverse"  # "mean_inverse" = mean(1/(CE_f+eps)), "inverse_mean" = 1/(mean(CE_f)+eps)
+    eps: float = 0.05
+    alpha_clamp: float | None = 6.0   # clamp gate logits to [-c, c] after each step; None = no clamp
+    chi: int = 3
+    batch_size: int = 128
+    init: float = 3.0
+    max_epochs: int = 10
+    patience: int = 10                # validations without improvement before stopping
+    val_per_epoch: int = 5
+    seed: int = 0
+    num_workers: int = 0
+
+
+def recipe(name: str = "tuned", kind: str = "cnn", **overrides) -> UntrainConfig:
+    """The ``paper`` or ``tuned`` recipe for a ``cnn`` or ``vit`` backbone, with overrides (None = keep)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}: use one of {', '.join(RECIPES)}")
+    if kind not in ("cnn", "vit"):
+        raise ValueError(f"kind must be 'cnn' or 'vit', got {kind!r}")
+    if name == "paper":
+        cfg = UntrainConfig(optimizer="sgd", lr=100.0, lambda_retain=1.0,
+                            lambda_forget=100.0 if kind == "vit" else 10.0, lambda_reg=1.0,
+                            forget_loss="mean_inverse", eps=1e-6, alpha_clamp=None)
+    else:
+        cfg = UntrainConfig()
+    known = {f.name for f in fields(UntrainConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown untraining option(s) {sorted(unknown)}")
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def model_kind(wf: WFModel) -> str:
+    """"vit" when the filtered layers are attention projections (Linear), else "cnn"."""
+    return "vit" if any(isinstance(m, WFLinear) for m in wf.filtered_layers().values()) else "cnn"
+
+
+def expand_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, chi: int, generator: torch.Generator):
+    """Label expansion of one mini-batch.
+
+    Returns ``(inputs, rows, labels, n_forget)``: the first ``n_forget = B // 2`` entries are the forget half (row =
+    label); the rest are the other half repeated ``chi`` times with rows drawn uniformly among the non-label classes.
+    """
+    if num_classes < 2:
+        raise ValueError("label expansion needs at least 2 classes")
+    n_forget = x.shape[0] // 2
+    y_r = y[n_forget:].repeat(chi)
+    x_r = x[n_forget:].repeat((chi,) + (1,) * (x.dim() - 1))
+    offset = torch.randint(1, num_classes, (y_r.shape[0],), generator=generator).to(y.device)
+    rows_r = (y_r + offset) % num_classes  # never the label: offset in [1, num_classes)
+    inputs = torch.cat([x[:n_forget], x_r])
+    rows = torch.cat([y[:n_forget], rows_r])
+    labels = torch.cat([y[:n_forget], y_r])
+    return inputs, rows, labels, n_forget
+
+
+def gate_regulariser(params) -> torch.Tensor:
+    """R(alpha) = mean over every gate entry of (1 - sigmoid(alpha)): small when almost all gates are open."""
+    flat = torch.cat([p.float().reshape(-1) for p in params])
+    return (1 - torch.sigmoid(flat)).mean()
+
+
+def untrain_loss(logits, labels, n_forget: int, params, cfg: UntrainConfig) -> tuple[torch.Tensor, dict]:
+    """The loss of method.md section 3 on one expanded batch; returns (loss, {"forget_ce", "retain_ce", "reg", ...})."""
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    ce_f, ce_r = ce[:n_forget], ce[n_forget:]
+    zero = logits.sum() * 0
+    if ce_f.numel() == 0:
+        forget_term = zero
+    elif cfg.forget_loss == "mean_inverse":
+        forget_term = (1.0 / (ce_f + cfg.eps)).mean()
+    elif cfg.forget_loss == "inverse_mean":
+        forget_term = 1.0 / (ce_f.mean() + cfg.eps)
+    else:
+        raise ValueError(f"unknown forget_loss {cfg.forget_loss!r}: use 'mean_inverse' or 'inverse_mean'")
+    retain_term = ce_r.mean() if ce_r.numel() else zero
+    reg = gate_regulariser(params)
+    loss = cfg.lambda_retain * retain_term + cfg.lambda_forget * forget_term + cfg.lambda_reg * reg
+    parts = {"loss": loss.item(), "forget_ce": ce_f.mean().item() if ce_f.numel() else float("nan"),
+             "retain_ce": retain_term.item(), "forget_term": forget_term.item(), "reg": reg.item()}
+    return loss, parts
+
+
+def _rows_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step)
+
+
+@torch.no_grad()
+def validation_loss(wf: nn.Module, params, val_ds: Dataset, num_classes: int, cfg: UntrainConfig, device,
+                    info: DistInfo) -> dict:
+    """The untraining loss on the validation set, with label expansion drawn from a fixed seed (so it is the same
+    function at every validation). Each rank takes its shard of every batch; results are averaged over ranks."""
+    totals: dict[str, float] = {}
+    n = 0
+    loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 256), shuffle=False)
+    for i, (x, y) in enumerate(loader):
+        inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, _rows_generator(cfg.seed, -1, i))
+        inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info)
+        logits = wf(inputs.to(device), forget=rows.to(device))
+        _, parts = untrain_loss(logits, labels.to(device), nf, params, cfg)
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + v * x.shape[0]
+        n += x.shape[0]
+    out = {k: v / max(n, 1) for k, v in totals.items()}
+    return {k: all_reduce_mean(v, info) for k, v in out.items()}
+
+
+def _shard_expanded(inputs, rows, labels, n_forget, info: DistInfo):
+    """Split an expanded batch across ranks: each rank gets its slice of the forget part AND of the retain part."""
+    if not info.enabled:
+        return inputs, rows, labels, n_forget
+    parts = [(shard(t[:n_forget], info), shard(t[n_forget:], info)) for t in (inputs, rows, labels)]
+    nf = parts[0][0].shape[0]
+    return (*(torch.cat(p) for p in parts), nf)
+
+
+def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig, device,
+            state_path: str | Path | None = None, resume: bool = False, info: DistInfo | None = None,
+            progress: bool = True) -> dict:
+    """Train the gates of ``wf`` for all classes in one round (see the module docstring). Returns a summary dict
+    (history of validations, best validation loss, steps, stop reason, seconds)."""
+    info = info or DistInfo()
+    num_classes = wf.num_classes
+    wf.to(device).eval()
+    params = list(wf.filter_parameters())
+    with torch.no_grad():  # the configured init (wrap() used its own init; a fresh run starts from cfg.init)
+        if not resume or state_path is None or not Path(state_path).exists():
+            for p in params:
+                p.fill_(cfg.init)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use 'sgd' or 'adam'")
+    named = dict(wf.named_filter_parameters())
+    steps_per_epoch = max(1, math.ceil(len(train_ds) / cfg.batch_size))
+    val_every = max(1, steps_per_epoch // cfg.val_per_epoch)
+    st = {"epoch": 0, "step": 0, "global_step": 0, "best_val": float("inf"), "bad": 0, "history": [],
+          "stopped": None, "seconds": 0.0}
+    best = {k: p.detach().clone() for k, p in named.items()}
+    if resume and state_path is not None and Path(state_path).exists():
+        tensors, meta = load_state(state_path)
+        if meta.get("config") != _config_key(cfg):
+            raise ValueError(f"{state_path} was written with a different untraining config; start a new run folder "
+                             f"or pass the same options")
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(tensors[f"gates.{k}"])
+                best[k] = tensors[f"best.{k}"].to(device)
+        optimizer_from_flat(opt, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer"])
+        st = meta["state"]
+    model = wf
+    if info.enabled:
+        model = nn.parallel.DistributedDataParallel(wf, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint():
+        if state_path is None or not info.is_main:
+            return
+        tensors = {f"gates.{k}": p for k, p in named.items()}
+        tensors.update({f"best.{k}": v for k, v in best.items()})
+        opt_tensors, opt_meta = optimizer_to_flat(opt)
+        tensors.update(opt_tensors)
+        save_state(state_path, tensors, {"state": st, "optimizer": opt_meta, "config": _config_key(cfg)})
+
+    t0 = time.time() - st["seconds"]
+    total_steps = cfg.max_epochs * steps_per_epoch
+    bar = tqdm(total=total_steps, initial=st["global_step"], desc="untrain", disable=not (progress and info.is_main),
+               dynamic_ncols=True)
+    while st["stopped"] is None and st["epoch"] < cfg.max_epochs:
+        epoch = st["epoch"]
+        perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        order = perm[st["step"] * cfg.batch_size:].tolist()
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=order, num_workers=cfg.num_workers)
+        for x, y in loader:
+            step = st["step"]
+            inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, _rows_generator(cfg.seed, epoch, step))
+            inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info)
+            logits = model(inputs.to(device), forget=rows.to(device))
+            loss, parts = untrain_loss(logits, labels.to(device), nf, params, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if cfg.alpha_clamp is not None:
+                with torch.no_grad():
+                    for p in params:
+                        p.clamp_(-cfg.alpha_clamp, cfg.alpha_clamp)
+            st["step"] += 1
+            st["global_step"] += 1
+            bar.update(1)
+            bar.set_postfix(forget_ce=f"{parts['forget_ce']:.2f}", retain_ce=f"{parts['retain_ce']:.3f}",
+                            reg=f"{parts['reg']:.3f}", epoch=epoch + 1)
+            if st["step"] % val_every == 0 or st["step"] == steps_per_epoch:
+                val = validation_loss(model, params, val_ds, num_classes, cfg, device, info)
+                improved = val["loss"] < st["best_val"] - 1e-6
+                if improved:
+                    st["best_val"], st["bad"] = val["loss"], 0
+                    best = {k: p.detach().clone() for k, p in named.items()}
+                else:
+                    st["bad"] += 1
+                st["history"].append({"epoch": epoch + 1, "step": st["global_step"], "train": parts, "val": val,
+                                      "improved": improved})
+                if st["bad"] >= cfg.patience:
+                    st["stopped"] = f"early stopping: no improvement in {cfg.patience} validations"
+                if st["step"] == steps_per_epoch:
+                    st["epoch"], st["step"] = epoch + 1, 0
+                st["seconds"] = time.time() - t0
+                checkpoint()
+                if st["stopped"]:
+                    break
+    bar.close()
+    if st["stopped"] is None:
+        st["stopped"] = f"reached max_epochs={cfg.max_epochs}"
+    st["seconds"] = time.time() - t0
+    checkpoint()
+    with torch.no_grad():
+        for k, p in named.items():
+            p.copy_(best[k])
+    return {"best_val_loss": st["best_val"], "steps": st["global_step"], "epochs_run": st["epoch"],
+            "stopped": st["stopped"], "seconds": st["seconds"], "history": st["history"], "config": asdict(cfg)}
+
+
+def _config_key(cfg: UntrainConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("num_workers")
+    return d
