@@ -66,7 +66,9 @@ def cuda_extensions():
     ext = CUDAExtension(
         name="wfnet._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        # No -std flag: torch's cpp_extension adds the standard its own headers need (C++17 in older releases,
+        # C++20 in torch 2.14, whose ATen refuses to compile under an explicit -std=c++17).
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
@@ -76,6 +78,7 @@ ext_modules, cmdclass = cuda_extensions()
 setup(
     packages=find_packages("python") + find_packages(".", include=["wf_kernels", "wf_kernels.*"]),
     package_dir={"": "python", "wf_kernels": "wf_kernels"},
+    package_data={"wf_kernels": ["dispatch_table.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -51,6 +51,10 @@ def _add_data(p):
     p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the dataset's)")
     p.add_argument("--augment", action="store_true", help="random crop/flip augmentation when training (cifar10, "
                                                           "image folders)")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help="use a fixed random subset of this many training samples (small machines)")
+    p.add_argument("--test-limit", type=int, default=None,
+                   help="evaluate on a fixed random subset of this many test samples")
 
 
 def _add_train(p):
@@ -207,7 +211,7 @@ def _log(info, msg):
 
 
 def _identity(cfg: dict) -> dict:
-    keys = ("model", "dataset", "image_size", "exclude_class", "train")
+    keys = ("model", "dataset", "image_size", "exclude_class", "train_limit", "test_limit", "train")
     return {k: cfg.get(k) for k in keys}
 
 
@@ -253,7 +257,8 @@ def cmd_train(args, info=None, device=None):
                        weight_decay=args.weight_decay, seed=args.seed)
     try:
         bundle = load_dataset(args.dataset, args.data_root, spec["image_size"], args.download, seed=0,
-                              augment=args.augment, exclude_class=args.exclude_class)
+                              augment=args.augment, exclude_class=args.exclude_class,
+                              train_limit=args.train_limit, test_limit=args.test_limit)
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     try:
@@ -263,6 +268,7 @@ def cmd_train(args, info=None, device=None):
         raise CLIError(str(exc)) from None
     cfg = {"wfnet_version": __version__, **spec, "data_root": args.data_root, "in_chans": bundle.in_chans,
            "num_classes": bundle.num_classes, "class_names": bundle.class_names, "val_fraction": 0.1, "data_seed": 0,
+           "train_limit": args.train_limit, "test_limit": args.test_limit,
            "exclude_class": args.exclude_class, "augment": args.augment, "device": str(device),
            "train": asdict(tcfg)}
     cfg_path = out / "config.json"
@@ -352,6 +358,7 @@ def cmd_untrain(args, info=None, device=None):
     if not info.is_main:
         return None
     save_filters(wf, filters, {"recipe": args.recipe, "dataset": run.config["dataset"]})
+    _drop_stale_wfnet_results(run.run_dir)
     write_json(run.run_dir / "untrain_summary.json", summary)
     _log(info, f"{summary['stopped']} after {summary['steps']} steps ({summary['seconds']:.0f} s); saved {filters}")
     wf.eval()
@@ -370,6 +377,19 @@ def cmd_untrain(args, info=None, device=None):
     (run.run_dir / "results.md").write_text(md)
     print(md)
     return results
+
+
+def _drop_stale_wfnet_results(run_dir: Path) -> None:
+    """New gates make cached WF-Net metrics and explanations stale (baseline results stay valid)."""
+    for p in (run_dir / "eval").glob("*_wfnet.json"):
+        p.unlink()
+    for name in ("table1.md", "table1.json", "table2.md", "table2.json"):
+        (run_dir / "eval" / name).unlink(missing_ok=True)
+    explain = run_dir / "explain"
+    if explain.exists():
+        import shutil
+
+        shutil.rmtree(explain)
 
 
 def cmd_baselines(args, info=None, device=None):
@@ -455,28 +475,33 @@ def cmd_explain(args, info=None, device=None):
 
 
 def cmd_demo(args):
+    """Train the small CNN on the embedded digits, untrain every class in one round, run the two fine-tuning
+    baselines for every class (skipped with --quick), evaluate everything and draw the explanations."""
     info, device = _setup(args)
     quick = args.quick
     t0 = time.time()
     base = dict(config=None, device=args.device, backend=args.backend, no_progress=args.no_progress)
     train_args = argparse.Namespace(**base, model=args.model, dataset="digits", data_root=None, download=False,
-                                    image_size=None, augment=False, epochs=8 if quick else 15, lr=0.05,
-                                    batch_size=64, optimizer="sgd", weight_decay=5e-4, seed=0, out=args.out,
-                                    exclude_class=None, resume=False)
+                                    image_size=None, augment=False, train_limit=None, test_limit=None,
+                                    epochs=8 if quick else 15, lr=0.05, batch_size=64, optimizer="sgd",
+                                    weight_decay=5e-4, seed=0, out=args.out, exclude_class=None, resume=False)
     cmd_train(train_args, info, device)
     un = {k: None for k in ("u_optimizer", "u_lr", "lambda_retain", "lambda_forget", "lambda_reg", "forget_loss",
                             "eps", "alpha_clamp", "chi", "u_batch_size", "init", "max_epochs", "patience",
                             "val_per_epoch", "u_seed")}
-    un["max_epochs"] = 5 if quick else 10
+    un["max_epochs"] = 8 if quick else 20
     untrain_args = argparse.Namespace(**base, **un, run=args.out, recipe="tuned", targets="auto", resume=False,
                                       force=False, data_root=None)
     cmd_untrain(untrain_args, info, device)
-    eval_args = argparse.Namespace(**base, run=args.out, metrics="acc,zrf,rt,insdel", rt_max_epochs=20 if quick else 100,
-                                   force=False, data_root=None)
+    if not quick:
+        cmd_baselines(argparse.Namespace(**base, run=args.out, methods="random-labels,negative-gradients",
+                                         classes=None, epochs=1, lr=0.01, force=False, data_root=None), info, device)
+    eval_args = argparse.Namespace(**base, run=args.out, metrics="acc,zrf,rt,insdel",
+                                   rt_max_epochs=20 if quick else 100, force=False, data_root=None)
     cmd_evaluate(eval_args, info, device)
     cmd_explain(argparse.Namespace(**base, run=args.out, layers=None, force=False, data_root=None), info, device)
     print(f"demo finished in {time.time() - t0:.0f} s; everything is in {args.out}/ "
-          f"(config.json, original.safetensors, filters.safetensors, results.md, eval/, explain/)")
+          f"(config.json, original.safetensors, filters.safetensors, results.md, eval/, explain/report.md)")
 
 
 COMMANDS = {"train": cmd_train, "untrain": cmd_untrain, "baselines": cmd_baselines, "evaluate": cmd_evaluate,

@@ -175,7 +175,8 @@ def _folders(root, name: str, image_size: int, augment: bool, per_class_test: in
 
 def load_dataset(name: str = "digits", root=None, image_size: int | None = None, download: bool = False,
                  val_fraction: float = 0.1, seed: int = 0, augment: bool = False,
-                 exclude_class: int | None = None) -> DataBundle:
+                 exclude_class: int | None = None, train_limit: int | None = None,
+                 test_limit: int | None = None) -> DataBundle:
     """Load dataset ``name`` (see the module docstring) with a fixed seeded validation split.
 
     ``exclude_class`` drops that class from train and validation (for the retrained-without-c baseline); the test
@@ -193,6 +194,8 @@ def load_dataset(name: str = "digits", root=None, image_size: int | None = None,
     else:
         train, test, classes, chans = _folders(root, name, image_size, augment,
                                                5 if name == "imagenet" else None, seed)
+    train = _limit(train, train_limit, seed)
+    test = _limit(test, test_limit, seed + 1)
     full = train
     train, val = _split(train, val_fraction, seed)
     if exclude_class is not None:
@@ -201,6 +204,15 @@ def load_dataset(name: str = "digits", root=None, image_size: int | None = None,
         train = _without(train, exclude_class)
         val = _without(val, exclude_class)
     return DataBundle(name, train, val, test, len(classes), classes, chans, image_size, train_full=full)
+
+
+def _limit(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    if n < 1:
+        raise ValueError(f"a sample limit must be >= 1, got {n}")
+    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + 12345))[:n]
+    return Subset(ds, sorted(keep.tolist()))
 
 
 def _without(ds: Subset, c: int) -> Subset:

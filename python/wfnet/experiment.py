@@ -78,7 +78,8 @@ class Run:
     def data(self) -> DataBundle:
         c = self.config
         return load_dataset(c["dataset"], root=c.get("data_root"), image_size=c["image_size"],
-                            val_fraction=c.get("val_fraction", 0.1), seed=c.get("data_seed", 0))
+                            val_fraction=c.get("val_fraction", 0.1), seed=c.get("data_seed", 0),
+                            train_limit=c.get("train_limit"), test_limit=c.get("test_limit"))
 
     def build_model(self, seed: int = 0) -> nn.Module:
         """A fresh, randomly initialised model of the run's architecture (seeded), on the device, in eval mode."""

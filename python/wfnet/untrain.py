@@ -24,7 +24,8 @@ Two recipes (every value can be overridden):
 * ``tuned`` (the default): what our MNIST calibration (method.md section 6, and docs/recipes.md) showed to keep
   retain accuracy: Adam lr 0.1, gate logits clamped to [-6, 6] after every step so sigmoid' never vanishes (with lr
   100 the gates saturate and never reopen), eps 0.05 so one very confident forget sample (CE ~ 0.01 -> 1/CE ~ 100)
-  cannot dominate a batch, and a heavier retain weight. Same label expansion, batch, chi, init and early stopping.
+  cannot dominate a batch, and a 20x heavier retain weight (lambda0 = 20, lambda1 = 10, lambda2 = 1). Same label
+  expansion, batch, chi, init and early stopping. Measured side by side in docs/recipes.md.
 
 Checkpoints: at every validation the full training state (current and best gates, optimizer state, counters, history)
 is written atomically to ``<run>/untrain_state.safetensors``; ``resume=True`` continues from it to the same result
@@ -58,7 +59,7 @@ RECIPES = ("paper", "tuned")
 class UntrainConfig:
     optimizer: str = "adam"           # "sgd" or "adam" (on the gate logits only)
     lr: float = 0.1
-    lambda_retain: float = 10.0       # lambda0
+    lambda_retain: float = 20.0       # lambda0
     lambda_forget: float = 10.0       # lambda1
     lambda_reg: float = 1.0           # lambda2
     forget_loss: str = "mean_inverse"  # "mean_inverse" = mean(1/(CE_f+eps)), "inverse_mean" = 1/(mean(CE_f)+eps)

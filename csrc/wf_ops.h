@@ -1,0 +1,47 @@
+// Shared declarations between the op registration (wf_ops.cpp, plain C++) and the CUDA kernels (wf_kernels.cu).
+//
+// Every tensor handed to a launcher has already been checked by wf_ops.cpp (device, dtype, shape, layout); an
+// optional tensor that is absent is passed as an undefined at::Tensor.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace wfnet {
+
+// How a gated activation is laid out in memory. Both layouts are viewed as [batch, ..., channels] blocks of
+// `spatial` positions per (sample, channel):
+//   channels_inner = false: [B, C, S] (NCHW, or [B, C] for S = 1)     element (n, c, s) at (n * C + c) * S + s
+//   channels_inner = true:  [B, S, C] (channels_last, linear tokens)  element (n, s, c) at (n * S + s) * C + c
+struct GateGeometry {
+  int64_t batch;
+  int64_t channels;
+  int64_t spatial;
+  int64_t num_classes;
+  bool channels_inner;
+};
+
+// out = sigmoid(alpha_weight[rows[n], c]) * z + gate_b * bias[c], gate_b = sigmoid(alpha_bias[rows[n], c]) or 1 when
+// alpha_bias is undefined; no bias term when bias is undefined. `out` may be `z` itself (in place).
+void launch_gate_epilogue(const at::Tensor& z, const at::Tensor& out, const at::Tensor& rows,
+                          const at::Tensor& alpha_weight, const at::Tensor& alpha_bias, const at::Tensor& bias,
+                          const GateGeometry& geo);
+
+// One pass over grad_out (and z): writes grad_z = grad_out * sigmoid(alpha_weight[r_n]) when grad_z is defined, and
+// reduces, per (sample n, channel c), sum_s grad_out * z (needs z) and sum_s grad_out.
+//   use_buffer = false: the sums are scaled by sigmoid' (and bias) and atomically added into the class rows of
+//                       grad_alpha_weight / grad_alpha_bias (zero-initialised fp32 [N_c, C]).
+//   use_buffer = true:  the raw sums are written to buf_gz / buf_g (fp32 [B, C]) for a deterministic reduction.
+void launch_gate_backward_reduce(const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& grad_z,
+                                 const at::Tensor& rows, const at::Tensor& alpha_weight, const at::Tensor& alpha_bias,
+                                 const at::Tensor& bias, const at::Tensor& grad_alpha_weight,
+                                 const at::Tensor& grad_alpha_bias, const at::Tensor& buf_gz, const at::Tensor& buf_g,
+                                 bool use_buffer, const GateGeometry& geo);
+
+// Deterministic per-class reduction: out[r, c] = sigmoid'(alpha[r, c]) * scale[c] * sum over samples n with
+// rows[n] = r (in sorted order) of buf[n, c]. `sorted_rows` / `perm` come from a stable sort of rows; scale (fp32
+// [C]) may be undefined (= 1). Every entry of out is written, so it needs no initialisation.
+void launch_segment_reduce(const at::Tensor& buf, const at::Tensor& sorted_rows, const at::Tensor& perm,
+                           const at::Tensor& alpha, const at::Tensor& scale, const at::Tensor& out,
+                           const GateGeometry& geo);
+
+}  // namespace wfnet

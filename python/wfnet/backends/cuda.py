@@ -1,0 +1,163 @@
+"""The "cuda" backend: cuDNN / cuBLAS through ATen, then the compiled weight-filtering epilogue of ``wfnet._C``.
+
+    z   = conv2d(x, W) / x @ W^T            (no bias; ATen picks cuDNN / cuBLAS)
+    out = sigmoid(A_w[r_n]) * z + sigmoid(A_b[r_n]) * b      one fused pass (torch.ops.wfnet.cuda_gate_epilogue)
+
+Design:
+
+* The compiled ops (csrc/) only cover the memory-bound epilogue and its backward; the GEMM / convolution stays in
+  the vendor libraries. The autograd formula is registered on the epilogue op, so ATen's own conv / matmul autograd
+  turns the fused ``grad_z = grad_out * gate`` into grad_input (conv-transpose / matmul, as
+  ``torch.nn.grad.conv2d_input`` would) and, for a trainable weight, grad_weight. One fused backward pass over
+  grad_out and z gives grad_z and the per-(sample, channel) sums behind grad_alpha_weight / grad_alpha_bias, which
+  are scattered into the class rows with atomics, or, when ``torch.are_deterministic_algorithms_enabled()``, by a
+  segmented reduction over the stably sorted rows.
+* z is saved for backward only when alpha_weight needs a gradient (the other gradients do not read it). When no
+  gradient is needed at all (inference), the epilogue runs in place on the fresh conv / matmul output.
+* Fake (meta) kernels are registered here with ``torch.library.register_fake`` so torch.compile can trace the ops;
+  the C++ side checks devices, dtypes, shapes and layouts, while class-row ranges are validated by ``wfnet.ops``
+  before any launch.
+
+Importing this module fails with an ImportError carrying ``wfnet_hint`` (how to build the extension) when
+``wfnet._C`` was not built; the backend registry reports it as the reason ``backend="cuda"`` cannot run.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from wfnet import _C  # noqa: F401  (loading the library registers torch.ops.wfnet.cuda_*)
+except ImportError as exc:
+    _err = ImportError(f"the compiled extension wfnet._C is not available: {exc}")
+    _err.wfnet_hint = (
+        "build it on a machine with a CUDA-enabled torch and a CUDA toolkit (CUDA_HOME, or /usr/local/cuda): "
+        "make sure WFNET_SKIP_CUDA_BUILD is unset, then run `pip install --no-build-isolation -e .` in the wfnet "
+        "checkout"
+    )
+    raise _err from exc
+
+__all__ = ["BACKEND", "CudaBackend", "OPS"]
+
+OPS = ("cuda_gate_epilogue", "cuda_gate_epilogue_", "cuda_gate_backward")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ops = torch.ops.wfnet
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake (meta) kernels: shapes, dtypes and memory formats of the outputs, for torch.compile and meta tensors.
+
+@torch.library.register_fake("wfnet::cuda_gate_epilogue")
+def _epilogue_fake(z, rows, alpha_weight, alpha_bias, bias, channel_dim):
+    return torch.empty_like(z)  # same memory format as z, like the CUDA kernel's at::empty_like
+
+
+@torch.library.register_fake("wfnet::cuda_gate_epilogue_")
+def _epilogue_inplace_fake(z, rows, alpha_weight, alpha_bias, bias, channel_dim):
+    return None
+
+
+@torch.library.register_fake("wfnet::cuda_gate_backward")
+def _backward_fake(grad_out, z, rows, alpha_weight, alpha_bias, bias, channel_dim, need_grad_z,
+                   need_grad_alpha_weight, need_grad_alpha_bias, need_grad_bias, deterministic):
+    def empty(like):
+        return like.new_empty((0,))
+
+    return (
+        torch.empty_like(grad_out) if need_grad_z else empty(grad_out),
+        torch.empty_like(alpha_weight) if need_grad_alpha_weight else empty(alpha_weight),
+        torch.empty_like(alpha_weight) if need_grad_alpha_bias else empty(alpha_weight),
+        grad_out.new_empty((grad_out.shape[channel_dim],)) if need_grad_bias else empty(grad_out),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd for the functional epilogue op. Inputs: (z, rows, alpha_weight, alpha_bias, bias, channel_dim).
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _setup_context(ctx, inputs, output):
+    z, rows, alpha_weight, alpha_bias, bias, channel_dim = inputs
+    # z is only read by grad_alpha_weight: do not keep the activation alive otherwise.
+    ctx.save_for_backward(z if alpha_weight.requires_grad else None, rows, alpha_weight, alpha_bias, bias)
+    ctx.channel_dim = channel_dim
+    ctx.memory_format = _memory_format(z) if channel_dim == 1 else torch.contiguous_format
+
+
+def _backward(ctx, grad_out):
+    z, rows, alpha_weight, alpha_bias, bias = ctx.saved_tensors
+    need_z, _, need_aw, need_ab, need_b, _ = ctx.needs_input_grad
+    need_ab = need_ab and alpha_bias is not None and bias is not None
+    need_b = need_b and bias is not None
+    if not (need_z or need_aw or need_ab or need_b):
+        return None, None, None, None, None, None
+    # The kernel reads grad_out with z's layout; the incoming gradient can have any strides (e.g. expanded).
+    grad_out = grad_out.contiguous(memory_format=ctx.memory_format)
+    grad_z, grad_aw, grad_ab, grad_b = _ops.cuda_gate_backward(
+        grad_out, z if need_aw else None, rows, alpha_weight, alpha_bias, bias, ctx.channel_dim, need_z, need_aw,
+        need_ab, need_b, torch.are_deterministic_algorithms_enabled())
+    return (grad_z if need_z else None, None, grad_aw if need_aw else None, grad_ab if need_ab else None,
+            grad_b if need_b else None, None)
+
+
+torch.library.register_autograd("wfnet::cuda_gate_epilogue", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The backend.
+
+def _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows, channel_dim: int) -> torch.Tensor:
+    """Gate the bias-free conv / matmul output ``z`` per sample and add the gated bias. ``channel_dim`` is 1 for
+    convolutions, -1 for linear layers. When no gradient is needed ``z`` is OVERWRITTEN (callers pass the fresh
+    output of their conv / matmul)."""
+    if channel_dim == 1 and z.dim() == 4:
+        if not (z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last)):
+            z = z.contiguous()
+    elif not z.is_contiguous():
+        z = z.contiguous()
+    # Gate logits are fp32 by design (layers keep them so); a model cast with .half() gets them converted here.
+    alpha_weight = alpha_weight.float().contiguous()
+    alpha_bias = None if alpha_bias is None else alpha_bias.float().contiguous()
+    bias = None if bias is None else bias.to(z.dtype).contiguous()
+    rows = rows.contiguous()
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (z, alpha_weight, alpha_bias, bias))
+    if needs_grad:
+        return _ops.cuda_gate_epilogue(z, rows, alpha_weight, alpha_bias, bias, channel_dim)
+    # z is the fresh output of the conv / matmul above and nothing else refers to it: safe to overwrite.
+    _ops.cuda_gate_epilogue_(z, rows, alpha_weight, alpha_bias, bias, channel_dim)
+    return z
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def unsupported(self, op, x, weight, bias, alpha_weight, alpha_bias, rows, **_):
+        reasons = []
+        if x.device.type != "cuda":
+            reasons.append(f"the cuda backend needs CUDA tensors, got the input on {x.device}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"input dtype {x.dtype} is not supported (float32, float16, bfloat16)")
+        if weight.dtype != x.dtype:
+            reasons.append(f"weight dtype {weight.dtype} differs from the input dtype {x.dtype}")
+        for name, a in (("alpha_weight", alpha_weight), ("alpha_bias", alpha_bias)):
+            if a is not None and not a.dtype.is_floating_point:
+                reasons.append(f"{name} must be a floating-point tensor, got {a.dtype}")
+        if bias is not None and not bias.dtype.is_floating_point:
+            reasons.append(f"bias must be a floating-point tensor, got {bias.dtype}")
+        return reasons
+
+    def conv2d(self, x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups):
+        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows, channel_dim=1)
+
+    def linear(self, x, weight, bias, alpha_weight, alpha_bias, rows):
+        z = F.linear(x, weight)
+        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows, channel_dim=-1)
+
+
+BACKEND = CudaBackend()

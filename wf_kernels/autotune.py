@@ -1,0 +1,75 @@
+"""Autotuning configs for the fused GEMM / implicit-GEMM conv kernels, per GPU generation.
+
+``INTERPRET`` is read once, at import (Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set
+before this package is imported). Under the interpreter every config list collapses to ONE config: ``@triton.autotune``
+with several configs needs ``do_bench``, which fails there ("0 active drivers"), and large tiles keep interpreted runs
+fast (interpreter cost grows with programs x loop steps).
+
+Hopper (sm_90: H100/H200) gets larger tiles and more warps / stages than Ampere (sm_80/86); other archs use the Ampere
+list. The elementwise epilogue and backward kernels are not autotuned: their tiles come from ``elementwise_tiles``
+(autotuning a kernel that uses atomics would re-run it and accumulate garbage).
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _capability():
+    if INTERPRET:
+        return None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_capability()
+    except Exception:  # no driver: configs are irrelevant, kernels cannot launch anyway
+        pass
+    return None
+
+
+CAPABILITY = _capability()
+
+
+def _cfg(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}, num_warps=warps,
+                         num_stages=stages)
+
+
+_HOPPER = [
+    _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 4, 4),
+    _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(128, 128, 32, 4, 4),
+]
+_AMPERE = [
+    _cfg(128, 256, 32, 8, 3), _cfg(256, 128, 32, 8, 3), _cfg(128, 128, 32, 4, 4), _cfg(128, 64, 32, 4, 4),
+    _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 4), _cfg(128, 32, 32, 4, 4), _cfg(64, 32, 32, 2, 5),
+]
+_INTERPRETER = [_cfg(64, 64, 32, 4, 1)]
+
+
+# WFNET_AUTOTUNE=0 keeps only the first (generally good) config: GPU test runs skip the tuning compile time.
+AUTOTUNE = os.environ.get("WFNET_AUTOTUNE", "1") != "0"
+
+
+def gemm_configs() -> list:
+    """Configs for the fused linear GEMM and the implicit-GEMM conv (same tile parameters)."""
+    if INTERPRET:
+        return list(_INTERPRETER)
+    configs = _HOPPER if CAPABILITY is not None and CAPABILITY[0] >= 9 else _AMPERE
+    return list(configs) if AUTOTUNE else [configs[2]]
+
+
+def elementwise_tiles(c: int, p: int, channels_contiguous: bool) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) for the gate epilogue / backward kernels over a [B, C, P] view: the contiguous dim gets
+    the long side of a ~4K-element tile (2K under the interpreter: fewer, larger numpy ops win there too)."""
+    total = 2048 if INTERPRET else 4096
+    if channels_contiguous:
+        bc = min(triton.next_power_of_2(max(c, 1)), 128)
+        bp = min(triton.next_power_of_2(max(p, 1)), max(total // bc, 1))
+    else:
+        bp = min(triton.next_power_of_2(max(p, 1)), 512)
+        bc = min(triton.next_power_of_2(max(c, 1)), max(total // bp, 1))
+    return max(bc, 2), max(bp, 2)

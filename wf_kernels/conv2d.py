@@ -1,0 +1,141 @@
+"""Fused filtered conv2d: an implicit-GEMM Triton convolution with the gate epilogue, and the cuDNN + epilogue path.
+
+    out[n] = sigmoid(A_w[r_n])[:, None, None] * conv(x[n], W) + (sigmoid(A_b[r_n]) * b)[:, None, None]
+
+Implicit GEMM: M = B*H_out*W_out output pixels, N = C_out, K = C_in*kH*kW. Each program builds its [BLOCK_M, BLOCK_K]
+input tile on the fly from x's strides (so NCHW and channels_last both work without a copy; zero padding is a load
+mask), multiplies by the [BLOCK_K, BLOCK_N] weight tile, and applies ``epilogue.gate_tile`` with sample = m // (H_out
+W_out) before the single store. The K order is (kh, kw, c) with c fastest for channels_last inputs (contiguous loads)
+and (c, kh, kw) for NCHW. groups=1 only; grouped / depthwise convs go to the epilogue path.
+
+Epilogue path: cuDNN ``F.conv2d`` without bias, then ONE fused Triton gate pass (``epilogue.gate_forward``).
+Which path a shape takes is decided by ``dispatch.conv_path`` (measured table; default epilogue).
+
+Output memory format follows the input: channels_last in, channels_last out (as cuDNN does). Offsets are int32:
+tensors of 2**31 elements or more are refused by the backend's ``unsupported``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .autotune import gemm_configs
+from .epilogue import gate_forward, gate_tile
+
+
+@triton.autotune(configs=gemm_configs(), key=["M", "C_out", "K_total", "C_INNER"])
+@triton.jit
+def _wf_conv2d_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, aw_ptr, ab_ptr, rows_ptr, out_ptr, z_ptr,
+    C_in, H, W, C_out, H_out, W_out, M, K_total,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wo, stride_wi, stride_wh, stride_ww,
+    stride_on, stride_oc, stride_oh, stride_ow,
+    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, C_INNER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_AB: tl.constexpr, STORE_Z: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C_out, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < C_out
+    hw = H_out * W_out
+    sample = offs_m // hw
+    pix = offs_m % hw
+    oh = pix // W_out
+    ow = pix % W_out
+    ih0 = oh * conv_sh - pad_h
+    iw0 = ow * conv_sw - pad_w
+    x_base = sample * stride_xn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K_total, BLOCK_K)):
+        kk = k0 * BLOCK_K + offs_k
+        mask_k = kk < K_total
+        if C_INNER:
+            c = kk % C_in
+            r = kk // C_in
+        else:
+            c = kk // (KH * KW)
+            r = kk % (KH * KW)
+        kh = r // KW
+        kw = r % KW
+        ih = ih0[:, None] + kh[None, :] * dil_h
+        iw = iw0[:, None] + kw[None, :] * dil_w
+        a_mask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_ptr + x_base[:, None] + c[None, :] * stride_xc + ih * stride_xh + iw * stride_xw,
+                    mask=a_mask, other=0.0)
+        b = tl.load(w_ptr + offs_n[None, :] * stride_wo + c[:, None] * stride_wi + kh[:, None] * stride_wh
+                    + kw[:, None] * stride_ww, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.dot(a, b)
+
+    out_off = (sample * stride_on + oh * stride_oh + ow * stride_ow)[:, None] + offs_n[None, :] * stride_oc
+    mask = mask_m[:, None] & mask_n[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + out_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    out = gate_tile(acc, sample, offs_n, mask_m, mask_n, rows_ptr, aw_ptr, ab_ptr, b_ptr, C_out, HAS_BIAS, HAS_AB)
+    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when x is stored channels_last (and not also plain-contiguous, e.g. C == 1 or H == W == 1)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def out_shape(x_shape, w_shape, stride, padding, dilation):
+    h, w = x_shape[2], x_shape[3]
+    kh, kw = w_shape[2], w_shape[3]
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return (x_shape[0], w_shape[0], ho, wo)
+
+
+def conv2d_forward(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups, path: str,
+                   save_z: bool):
+    """(out, z or an empty tensor). ``x`` must be NCHW- or channels_last-contiguous; ``path``: "implicit_gemm" or
+    "epilogue"."""
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    empty = x.new_empty(0)
+    if path == "epilogue":
+        z = F.conv2d(x, weight, None, stride, padding, dilation, groups).contiguous(memory_format=fmt)
+        return gate_forward(z, bias, alpha_weight, alpha_bias, rows, channel_dim=1), (z if save_z else empty)
+    if path != "implicit_gemm":
+        raise ValueError(f"unknown conv path {path!r}; expected 'implicit_gemm' or 'epilogue'")
+    if groups != 1:
+        raise ValueError("the implicit-GEMM conv supports groups=1 only; use the 'epilogue' path")
+    b, c_in, h, w = x.shape
+    _, c_out, ho, wo = shp = out_shape(x.shape, weight.shape, stride, padding, dilation)
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"conv output would be empty: input {list(x.shape)}, kernel {list(weight.shape[2:])}")
+    out = torch.empty(shp, dtype=x.dtype, device=x.device, memory_format=fmt)
+    z = torch.empty(shp, dtype=x.dtype, device=x.device, memory_format=fmt) if save_z else empty
+    m = b * ho * wo
+    if m == 0 or c_out == 0:
+        return out, z
+    kh, kw = weight.shape[2], weight.shape[3]
+    k_total = c_in * kh * kw
+    aw = alpha_weight.contiguous()
+    ab = alpha_bias.contiguous() if alpha_bias is not None else aw
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731
+    _wf_conv2d_fwd_kernel[grid](
+        x, weight, bias if bias is not None else aw, aw, ab, rows, out, z if save_z else out,
+        c_in, h, w, c_out, ho, wo, m, k_total,
+        *x.stride(), *weight.stride(), *out.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=kh, KW=kw, C_INNER=fmt == torch.channels_last,
+        HAS_BIAS=bias is not None, HAS_AB=alpha_bias is not None, STORE_Z=save_z,
+    )
+    return out, z

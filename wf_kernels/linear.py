@@ -1,0 +1,94 @@
+"""Fused filtered linear (the ViT qkv projection): a tiled Triton GEMM with the per-sample gate as its epilogue.
+
+    out[m, :] = sigmoid(A_w[r_{m // T}]) * (x[m, :] @ W^T) + sigmoid(A_b[r_{m // T}]) * b      (T tokens per sample)
+
+x is flattened to [M = B*T, K]; each output tile gathers its rows' class rows (token -> sample -> row) inside the
+epilogue (``epilogue.gate_tile``), so the gate costs one gathered [BLOCK_M, BLOCK_N] load of the small logit matrices
+and the output is stored once. Accumulation is fp32 (TF32 dots for fp32 inputs on GPUs, as cuBLAS with TF32), output
+in the input dtype. When the gate logits need a gradient the bias-free product z is stored as a second output (what
+autograd would save; the backward needs sum grad_out * z).
+
+The other path, "epilogue" (cuBLAS matmul, then ``epilogue.gate_forward``), is used where the fused GEMM cannot run
+correctly (bf16 under the Triton interpreter, whose tl.dot is wrong for bf16) or when forced (see ``dispatch``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .autotune import gemm_configs
+from .epilogue import gate_forward, gate_tile
+
+
+@triton.autotune(configs=gemm_configs(), key=["M", "N", "K"])
+@triton.jit
+def _wf_linear_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, aw_ptr, ab_ptr, rows_ptr, out_ptr, z_ptr,
+    M, N, K, T,  # x: [M, K], W: [N, K], out/z: [M, N]; T tokens per sample
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, HAS_AB: tl.constexpr, STORE_Z: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row tiles share the same W column tiles while they are hot in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        kk = k0 * BLOCK_K + offs_k
+        mask_k = kk < K
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptr + offs_n[None, :] * stride_wn + kk[:, None] * stride_wk,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.dot(a, b)
+
+    out_off = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    mask = mask_m[:, None] & mask_n[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + out_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    out = gate_tile(acc, offs_m // T, offs_n, mask_m, mask_n, rows_ptr, aw_ptr, ab_ptr, b_ptr, N, HAS_BIAS, HAS_AB)
+    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def linear_forward(x3, weight, bias, alpha_weight, alpha_bias, rows, path: str, save_z: bool):
+    """x3: [B, T, K] -> (out [B, T, N], z [B, T, N] or an empty tensor). ``path``: "gemm" or "epilogue"."""
+    b, t, k = x3.shape
+    n = weight.shape[0]
+    empty = x3.new_empty(0)
+    if path == "epilogue":
+        z = F.linear(x3, weight)
+        return gate_forward(z, bias, alpha_weight, alpha_bias, rows, channel_dim=-1), (z if save_z else empty)
+    if path != "gemm":
+        raise ValueError(f"unknown linear path {path!r}; expected 'gemm' or 'epilogue'")
+    out = x3.new_empty(b, t, n)
+    z = x3.new_empty(b, t, n) if save_z else empty
+    m = b * t
+    if m == 0 or n == 0:
+        return out, z
+    if k == 0:  # empty reduction: z = 0, out = gated bias
+        z0 = x3.new_zeros(b, t, n)
+        return gate_forward(z0, bias, alpha_weight, alpha_bias, rows, -1), (z0 if save_z else empty)
+    x2 = x3.reshape(m, k)
+    aw = alpha_weight.contiguous()
+    ab = alpha_bias.contiguous() if alpha_bias is not None else aw
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _wf_linear_fwd_kernel[grid](
+        x2, weight, bias if bias is not None else aw, aw, ab, rows, out, z if save_z else out,
+        m, n, k, t, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), n, 1,
+        HAS_BIAS=bias is not None, HAS_AB=alpha_bias is not None, STORE_Z=save_z,
+    )
+    return out, z
