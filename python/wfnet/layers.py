@@ -57,6 +57,7 @@ class FilteredLayer:
     def _rows(self, x, forget):
         """Rows for this call: an explicit ``forget`` (validated here), else the router's (validated when routed)."""
         if forget is not None:
+            self._check_input_device(x)  # first: moving rows to a wrong device would fail less clearly
             return ops.check_rows(forget, x.shape[0], self.num_classes, x.device)
         if self._router is not None:
             return self._router.rows_for(x)

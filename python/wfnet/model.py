@@ -3,7 +3,8 @@
 Target selection ("auto", method.md section 2): if the model has attention blocks with a ``qkv`` Linear (timm ViTs,
 DeiT, Swin, ...), every such qkv projection is filtered and nothing else (the patch embedding conv stays plain, as in
 the paper); otherwise every ``nn.Conv2d`` is filtered (plain, strided, dilated, grouped, depthwise, squeeze-excitation
-convs alike). ``targets`` may instead be a list of module names / glob patterns, or a predicate ``(name, module)``.
+convs alike). ``targets`` may instead be a list of module names / glob patterns (a glob selects only the Conv2d /
+Linear layers it matches), or a predicate ``(name, module)``.
 
 All original parameters are frozen; only the gates (``filter_parameters()``) train. BatchNorm layers stay in eval mode
 even in ``train()`` (**decision**, method.md section 3: untraining must not shift the running statistics the frozen
@@ -31,12 +32,17 @@ def _is_attention_qkv(name: str, module: nn.Module, parent: nn.Module | None) ->
     return name.rsplit(".", 1)[-1] == "qkv" and isinstance(module, nn.Linear) and parent is not None
 
 
+def _is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
 def find_targets(model: nn.Module, targets: Targets = "auto") -> list[str]:
     """Names of the modules ``wrap`` would filter (see the module docstring for the rules)."""
     modules = dict(model.named_modules())
     candidates = [(n, m) for n, m in modules.items() if n and not isinstance(m, FilteredLayer)]
     if targets == "auto":
-        qkv = [n for n, m in candidates if _is_attention_qkv(n, m, modules.get(n.rsplit(".", 1)[0] if "." in n else ""))]
+        qkv = [n for n, m in candidates
+               if _is_attention_qkv(n, m, modules.get(n.rsplit(".", 1)[0] if "." in n else ""))]
         if qkv:
             return qkv
         return [n for n, m in candidates if isinstance(m, nn.Conv2d)]
@@ -45,11 +51,19 @@ def find_targets(model: nn.Module, targets: Targets = "auto") -> list[str]:
     if callable(targets):
         names = [n for n, m in candidates if targets(n, m)]
     else:
+        # An exact name must be a filterable layer (else TypeError below); a glob pattern ("features.*") picks the
+        # Conv2d / Linear layers among the modules it matches, so it can span blocks that also hold ReLUs and norms.
         patterns = list(targets)
-        names = [n for n, m in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n, _ in candidates)]
+        filterable = {n for n, m in candidates if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+        def matches(n, p):
+            return n == p if not _is_glob(p) else (n in filterable and fnmatch.fnmatchcase(n, p))
+
+        names = [n for n, m in candidates if any(matches(n, p) for p in patterns)]
+        unmatched = [p for p in patterns if not any(matches(n, p) for n, _ in candidates)]
         if unmatched:
-            raise ValueError(f"target pattern(s) {unmatched} match no module of {type(model).__name__}")
+            hint = " (glob patterns select only nn.Conv2d / nn.Linear layers)" if any(map(_is_glob, unmatched)) else ""
+            raise ValueError(f"target pattern(s) {unmatched} match no module of {type(model).__name__}{hint}")
     bad = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], (nn.Conv2d, nn.Linear))]
     if bad:
         raise TypeError(f"only nn.Conv2d and nn.Linear layers can be filtered; these targets are not: {bad}")
@@ -71,6 +85,13 @@ class WFModel(nn.Module):
             layer._router = self.router
 
     def forward(self, *args, forget=None, **kwargs):
+        """Run the inner model with class row(s) ``forget`` (an int for the whole batch or an int64 tensor [B]).
+
+        ``forget=None`` pushes nothing: outside a :func:`forgetting` context that is the original model; inside one,
+        the context's rows apply (so ``with forgetting(wf, c): evaluate(wf)`` filters as it reads).
+        """
+        if forget is None:
+            return self.model(*args, **kwargs)
         batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
         with self.router.route(forget, batch):
             return self.model(*args, **kwargs)

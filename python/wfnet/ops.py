@@ -53,14 +53,14 @@ def check_rows(rows, batch: int, num_classes: int, device) -> torch.Tensor | Non
         return check_rows(int(rows), batch, num_classes, device)
     if rows.dim() != 1 or rows.shape[0] != batch:
         raise ValueError(f"forget rows must have shape [{batch}] (one class row per sample), got {list(rows.shape)}")
-    rows = rows.to(device=device, dtype=torch.long)
-    if rows.numel() and not torch.compiler.is_compiling():
+    # Range check where the rows live, before the move: CPU rows for a GPU input cost no device sync.
+    if rows.numel() and rows.device.type != "meta" and not torch.compiler.is_compiling():
         lo, hi = int(rows.min()), int(rows.max())
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi
             raise ValueError(f"forget row {bad} is out of range: num_classes={num_classes}, valid rows are "
                              f"0..{num_classes - 1}")
-    return rows
+    return rows.to(device=device, dtype=torch.long)
 
 
 def _check_alphas(weight, bias, alpha_weight, alpha_bias):

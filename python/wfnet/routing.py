@@ -4,10 +4,14 @@ Each :class:`~wfnet.model.WFModel` owns one :class:`RowRouter`, shared by its fi
 not global state, so several wrapped models never see each other's rows). ``WFModel.forward(x, forget=rows)`` and
 the ``wfnet.forgetting(wf, rows)`` context push the rows on the router's stack and pop them in a ``finally``, so
 nested calls and exceptions leave it clean. Rows are validated once when pushed, not in every layer.
+
+The stack is per thread: ``nn.DataParallel`` replicas and threaded servers share one router object, and each
+thread's forward pass must see only its own rows.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 import torch
@@ -20,14 +24,25 @@ class RowRouter:
 
     def __init__(self, num_classes: int):
         self.num_classes = int(num_classes)
-        self._stack: list = []
+        self._local = threading.local()
+
+    @property
+    def _stack(self) -> list:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def active(self) -> bool:
+        """Whether rows (or an explicit None) are routed in this thread."""
+        return bool(self._stack)
 
     def __getstate__(self):  # a copied / pickled model starts with no active rows
         return {"num_classes": self.num_classes}
 
     def __setstate__(self, state):
         self.num_classes = state["num_classes"]
-        self._stack = []
+        self._local = threading.local()
 
     def normalise(self, rows, batch: int | None = None):
         """Validate rows (range, dtype, and length when the batch size is known)."""
@@ -40,8 +55,12 @@ class RowRouter:
             rows = torch.as_tensor(rows)
         if rows.dim() == 0 and not rows.dtype.is_floating_point and rows.dtype != torch.bool:
             return self.normalise(int(rows), batch)
-        n = rows.shape[0] if (batch is None and rows.dim() == 1) else batch
-        return check_rows(rows, -1 if n is None else n, self.num_classes, rows.device)
+        if batch is None:  # forgetting(): the length is checked against each layer's input later
+            if rows.dim() != 1 and not (rows.dtype.is_floating_point or rows.dtype == torch.bool):
+                raise ValueError(f"forget rows must be an int or a 1-d tensor [B] (one class row per sample), got "
+                                 f"shape {list(rows.shape)}")
+            batch = rows.shape[0] if rows.dim() == 1 else -1
+        return check_rows(rows, batch, self.num_classes, rows.device)
 
     @contextlib.contextmanager
     def route(self, rows, batch: int | None = None) -> Iterator[None]:

@@ -21,6 +21,20 @@ __all__ = ["save_filters", "load_filters", "read_filters_metadata", "atomic_writ
 FORMAT = "wfnet-filters"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it, racing other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one, never half."""
     path = os.fspath(path)
@@ -30,6 +44,8 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file private (0600); give it the mode a plain open() would (0666 minus the umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,6 +69,9 @@ def save_filters(wf: WFModel, path, metadata: dict | None = None) -> None:
         "wfnet_version": __version__,
         "backbone": type(wf.model).__name__,
     }
+    reserved = sorted(set(map(str, metadata or {})) & set(meta))
+    if reserved:
+        raise ValueError(f"metadata keys {reserved} are reserved by the filters format; rename them")
     for k, v in (metadata or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -72,10 +91,17 @@ def load_filters(wf: WFModel, path) -> dict:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no filters file at {path}")
-    with safe_open(path, framework="pt") as f:
+    try:
+        handle = safe_open(path, framework="pt")
+    except Exception as exc:  # safetensors raises its own error type for a corrupt / foreign header
+        raise ValueError(f"{path} is not a safetensors file ({exc})") from exc
+    with handle as f:
         meta = dict(f.metadata() or {})
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a wfnet filters file (metadata format={meta.get('format')!r})")
+        missing_keys = [k for k in ("num_classes", "layers") if k not in meta]
+        if missing_keys:
+            raise ValueError(f"{path} is an incomplete wfnet filters file: metadata lacks {missing_keys}")
         n = int(meta["num_classes"])
         if n != wf.num_classes:
             raise ValueError(f"{path} holds gates for num_classes={n}, the model has num_classes={wf.num_classes}")

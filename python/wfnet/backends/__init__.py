@@ -74,6 +74,13 @@ def _load(name: str):
         return None
 
 
+def _preload(name: str | None) -> None:
+    """Import a backend when it is selected, not on first use: first use may be inside a torch.compile trace,
+    where dynamo cannot follow ``importlib.import_module`` (a graph break, an error under fullgraph=True)."""
+    if name is not None and name != "auto":
+        _load(name)
+
+
 def _check_name(name: str) -> str:
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
@@ -85,6 +92,7 @@ def set_backend(name: str | None) -> None:
     (the ``WFNET_BACKEND`` environment variable, else "auto")."""
     global _global_default
     _global_default = None if name is None else _check_name(name)
+    _preload(_global_default)
 
 
 def get_backend() -> str:
@@ -100,7 +108,7 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Context manager: use backend ``name`` for the ops called inside (this thread only)."""
-    _check_name(name)
+    _preload(_check_name(name))
     stack = getattr(_state, "stack", None)
     if stack is None:
         stack = _state.stack = []

@@ -8,17 +8,24 @@ baseline of the benchmarks; "auto" never picks it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from .torch_ref import gate_dtype
 
 
 def _masked(weight, bias, alpha_weight, alpha_bias, rows):
     dtype = weight.dtype
-    g = torch.sigmoid(alpha_weight.float())[rows].to(dtype)  # [B, C_out]
+    g = torch.sigmoid(alpha_weight.to(gate_dtype(alpha_weight)))[rows].to(dtype)  # [B, C_out]
     w = weight.unsqueeze(0) * g.view(g.shape + (1,) * (weight.dim() - 1))  # [B, C_out, ...]
     b = None
     if bias is not None:
-        gb = torch.ones_like(g) if alpha_bias is None else torch.sigmoid(alpha_bias.float())[rows].to(dtype)
+        if alpha_bias is None:
+            gb = torch.ones_like(g)
+        else:
+            gb = torch.sigmoid(alpha_bias.to(gate_dtype(alpha_bias)))[rows].to(dtype)
         b = gb * bias.unsqueeze(0)  # [B, C_out]
     return w, b
 
@@ -45,7 +52,8 @@ class NaiveBackend:
     def linear(self, x, weight, bias, alpha_weight, alpha_bias, rows):
         n = x.shape[0]
         w, b = _masked(weight.to(x.dtype), None if bias is None else bias.to(x.dtype), alpha_weight, alpha_bias, rows)
-        xt = x.reshape(n, -1, x.shape[-1])  # [B, T, F_in]
+        tokens = math.prod(x.shape[1:-1])  # explicit: reshape cannot infer -1 when B == 0
+        xt = x.reshape(n, tokens, x.shape[-1])  # [B, T, F_in]
         out = torch.bmm(xt, w.transpose(1, 2))  # [B, T, F_out]
         if b is not None:
             out = out + b.unsqueeze(1)

@@ -12,21 +12,39 @@ import torch
 import torch.nn.functional as F
 
 
+def gate_dtype(alpha: torch.Tensor) -> torch.dtype:
+    """The dtype the sigmoid runs in: at least fp32 (fp16 gates would round), fp64 kept (gradcheck)."""
+    return torch.promote_types(alpha.dtype, torch.float32)
+
+
 def gate_rows(alpha: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sigmoid(alpha)[rows] computed in fp32 (alpha is kept in fp32), returned in the activation dtype."""
-    return torch.sigmoid(alpha.float()).index_select(0, rows).to(dtype)
+    """sigmoid(alpha)[rows] computed in at least fp32, returned in the activation dtype."""
+    return torch.sigmoid(alpha.to(gate_dtype(alpha))).index_select(0, rows).to(dtype)
 
 
 def apply_gate(z: torch.Tensor, bias, alpha_weight, alpha_bias, rows, channel_dim: int) -> torch.Tensor:
-    """Gate the bias-free output ``z`` (sample dim 0, channels at ``channel_dim``) and add the gated bias."""
+    """Gate the bias-free output ``z`` (sample dim 0, channels at ``channel_dim``) and add the gated bias.
+
+    ``z`` must be a fresh tensor owned by the caller: when no gradient flows through it, it is overwritten.
+    """
     shape = [1] * z.dim()
     shape[0] = z.shape[0]
     shape[channel_dim] = z.shape[channel_dim]
-    out = z * gate_rows(alpha_weight, rows, z.dtype).view(shape)
+    gate = gate_rows(alpha_weight, rows, z.dtype).view(shape)
+    gated_bias = None
     if bias is not None:
-        gated_bias = bias.to(z.dtype) if alpha_bias is None else gate_rows(alpha_bias, rows, z.dtype) * bias.to(z.dtype)
-        out = out + gated_bias.view(shape)
-    return out
+        if alpha_bias is None:  # ungated bias: one [C] vector for every sample
+            gated_bias = bias.to(z.dtype).view([1] + shape[1:])
+        else:
+            gated_bias = (gate_rows(alpha_bias, rows, z.dtype) * bias.to(z.dtype)).view(shape)
+    # z is a fresh tensor made by the caller: when autograd does not need it, overwrite it instead of allocating
+    # (on CPU the new output's page faults cost about as much as the epilogue itself).
+    needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, gate, gated_bias))
+    out = None if needs_graph else z
+    if gated_bias is None:
+        return torch.mul(z, gate, out=out)
+    # one pass over z (gated_bias + z * gate): "z * gate + gated_bias" reads and writes the big tensor twice
+    return torch.addcmul(gated_bias, z, gate, out=out)
 
 
 class TorchBackend:
