@@ -105,3 +105,18 @@ def test_errors_are_clear(tmp_path, capsys, trained_run):
 def test_python_dash_m(tmp_path):
     out = subprocess.run([sys.executable, "-m", "wfnet", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("wfnet ")
+
+
+def test_demo_at_reduced_size(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--quick", "--image-size", "8", "--out", out, "--no-progress") == 0
+    printed = capsys.readouterr().out
+    assert "# Table 1: digits / small_cnn" in printed and "demo finished" in printed
+    for f in ("config.json", "original.safetensors", "filters.safetensors", "results.json", "results.md",
+              "eval/table1.md", "eval/table2.json", "explain/report.md", "explain/gates_heatmap.png",
+              "explain/insertion_deletion.png"):
+        assert (out / f).exists(), f
+    t1 = json.loads((out / "eval" / "table1.json").read_text())
+    assert "wfnet" in json.dumps(t1)
+    res = json.loads((out / "results.json").read_text())
+    assert res["wf_net"]["acc_f"] < res["original"]["acc_f"]  # forgetting happened

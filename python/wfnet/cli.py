@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--metrics", default="acc,zrf,rt,insdel", help="comma-separated subset of acc,zrf,rt,insdel")
     p.add_argument("--rt-max-epochs", type=int, default=100, help="relearn-time cap (epochs of 500 samples)")
+    p.add_argument("--rt-samples", type=int, default=500, help="training samples per relearn epoch")
+    p.add_argument("--rt-lr", type=float, default=0.01, help="relearn SGD learning rate")
+    p.add_argument("--insdel-steps", type=int, default=21, help="points on the insertion/deletion curves")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of original,wfnet and the baselines present (default: all)")
+    p.add_argument("--classes", default=None, help="comma-separated class ids (default: all)")
     p.add_argument("--force", action="store_true", help="recompute cached results")
     p.add_argument("--data-root", default=None)
     _add_common(p)
@@ -139,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="filter maps, gate heatmaps and insertion/deletion curves (PNG + report.md)")
     p.add_argument("run")
     p.add_argument("--layers", default=None, help="comma-separated filtered layer names (default: a few)")
+    p.add_argument("--top-k", type=int, default=10, help="channels per class in the filter maps")
+    p.add_argument("--max-classes", type=int, default=20, help="classes drawn in the filter maps")
     p.add_argument("--force", action="store_true")
     p.add_argument("--data-root", default=None)
     _add_common(p)
@@ -147,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (fewer epochs, RT cap 20)")
     p.add_argument("--model", default="small_cnn")
+    p.add_argument("--image-size", type=int, default=None, help="upscale the 8x8 digits to this side (default 28)")
     _add_common(p)
     return parser
 
@@ -213,6 +222,10 @@ def _log(info, msg):
 def _identity(cfg: dict) -> dict:
     keys = ("model", "dataset", "image_size", "exclude_class", "train_limit", "test_limit", "train")
     return {k: cfg.get(k) for k in keys}
+
+
+def _csv(text, cast=str):
+    return None if text is None else [cast(t.strip()) for t in text.split(",") if t.strip()]
 
 
 def _fmt(v, digits=2):
@@ -449,8 +462,16 @@ def cmd_evaluate(args, info=None, device=None):
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None
     wanted = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    tables = evaluate_run(run, metrics=wanted, force=args.force, rt_max_epochs=args.rt_max_epochs,
-                          progress=not args.no_progress)
+    bad = [m for m in wanted if m not in ("acc", "zrf", "rt", "insdel")]
+    if bad:
+        raise CLIError(f"unknown metric(s) {bad}: use acc, zrf, rt, insdel")
+    try:
+        tables = evaluate_run(run, metrics=wanted, force=args.force, rt_max_epochs=args.rt_max_epochs,
+                              rt_samples_per_epoch=args.rt_samples, rt_lr=args.rt_lr, insdel_steps=args.insdel_steps,
+                              methods=_csv(args.methods), classes=_csv(args.classes, int),
+                              progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
     for name in ("table1.md", "table2.md"):
         p = run.run_dir / "eval" / name
         if p.exists():
@@ -469,7 +490,11 @@ def cmd_explain(args, info=None, device=None):
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None
     layers = None if args.layers is None else [l.strip() for l in args.layers.split(",") if l.strip()]
-    out = explain_run(run, layers=layers, force=args.force)
+    try:
+        out = explain_run(run, layers=layers, force=args.force, top_k=args.top_k, max_classes=args.max_classes,
+                          progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
     print(f"explanations written to {run.run_dir / 'explain'} (open report.md)")
     return out
 
@@ -482,7 +507,7 @@ def cmd_demo(args):
     t0 = time.time()
     base = dict(config=None, device=args.device, backend=args.backend, no_progress=args.no_progress)
     train_args = argparse.Namespace(**base, model=args.model, dataset="digits", data_root=None, download=False,
-                                    image_size=None, augment=False, train_limit=None, test_limit=None,
+                                    image_size=args.image_size, augment=False, train_limit=None, test_limit=None,
                                     epochs=8 if quick else 15, lr=0.05, batch_size=64, optimizer="sgd",
                                     weight_decay=5e-4, seed=0, out=args.out, exclude_class=None, resume=False)
     cmd_train(train_args, info, device)
@@ -497,9 +522,11 @@ def cmd_demo(args):
         cmd_baselines(argparse.Namespace(**base, run=args.out, methods="random-labels,negative-gradients",
                                          classes=None, epochs=1, lr=0.01, force=False, data_root=None), info, device)
     eval_args = argparse.Namespace(**base, run=args.out, metrics="acc,zrf,rt,insdel",
-                                   rt_max_epochs=20 if quick else 100, force=False, data_root=None)
+                                   rt_max_epochs=20 if quick else 100, rt_samples=500, rt_lr=0.01, insdel_steps=21,
+                                   methods=None, classes=None, force=False, data_root=None)
     cmd_evaluate(eval_args, info, device)
-    cmd_explain(argparse.Namespace(**base, run=args.out, layers=None, force=False, data_root=None), info, device)
+    cmd_explain(argparse.Namespace(**base, run=args.out, layers=None, top_k=10, max_classes=20, force=False,
+                                   data_root=None), info, device)
     print(f"demo finished in {time.time() - t0:.0f} s; everything is in {args.out}/ "
           f"(config.json, original.safetensors, filters.safetensors, results.md, eval/, explain/report.md)")
 
