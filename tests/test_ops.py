@@ -13,17 +13,9 @@ import torch.nn.functional as F
 from wfnet import ops
 
 # PyTorch warns that padding="same" with an even kernel pads a copy of the input: expected for these cases.
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
+pytestmark = [pytest.mark.filterwarnings("ignore:Using padding='same'"), pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a busy machine every OpenMP region of a 2-thread pool
-    waits for a scheduler slice (measured: a 5x6 conv took 46 ms with 2 threads, 0.03 ms with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 BACKENDS = ("torch", "naive")
 

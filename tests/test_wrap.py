@@ -20,14 +20,7 @@ from wfnet import WFConv2d, WFLinear, WFModel
 NUM_CLASSES = 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Batch-3, 32x32 inputs gain little from intra-op threads, and on a busy machine every OpenMP region of a
-    2-thread pool waits for a scheduler slice (measured: a tiny conv took 46 ms with 2 threads, 0.03 ms with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise_gates(wf, seed=0):

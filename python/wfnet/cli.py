@@ -224,6 +224,17 @@ def _identity(cfg: dict) -> dict:
     return {k: cfg.get(k) for k in keys}
 
 
+def _open_run(args, device):
+    """The run folder named on the command line, its trained original model and its data."""
+    from .experiment import Run
+
+    try:
+        run = Run(args.run, device=device, data_root=args.data_root)
+        return run, run.original_model(), run.data
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+
+
 def _csv(text, cast=str):
     return None if text is None else [cast(t.strip()) for t in text.split(",") if t.strip()]
 
@@ -324,18 +335,13 @@ def _untrain_overrides(args) -> dict:
 
 def cmd_untrain(args, info=None, device=None):
     from . import metrics, save_filters, wrap
-    from .experiment import Run, read_json, write_json
+    from .experiment import read_json, write_json
     from .untrain import model_kind, recipe, untrain
 
     if info is None:
         info, device = _setup(args)
-    try:
-        run = Run(args.run, device=device, data_root=args.data_root)
-        original = run.original_model()
-        bundle = run.data
-    except (FileNotFoundError, ValueError) as exc:
-        raise CLIError(str(exc)) from None
-    targets = "auto" if args.targets == "auto" else [t.strip() for t in args.targets.split(",") if t.strip()]
+    run, original, bundle = _open_run(args, device)
+    targets = "auto" if args.targets == "auto" else _csv(args.targets)
     try:
         wf = wrap(original, run.num_classes, targets=targets)
     except (ValueError, TypeError) as exc:
@@ -408,23 +414,17 @@ def _drop_stale_wfnet_results(run_dir: Path) -> None:
 def cmd_baselines(args, info=None, device=None):
     from .baselines import METHODS, BaselineConfig, unlearn_baseline
     from .checkpoint import save_model
-    from .experiment import Run, read_json, write_json
+    from .experiment import read_json, write_json
     from .train import TrainConfig
 
     if info is None:
         info, device = _setup(args)
-    try:
-        run = Run(args.run, device=device, data_root=args.data_root)
-        original = run.original_model()
-        bundle = run.data
-    except (FileNotFoundError, ValueError) as exc:
-        raise CLIError(str(exc)) from None
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    run, original, bundle = _open_run(args, device)
+    methods = _csv(args.methods)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise CLIError(f"unknown baseline(s) {bad}: use {', '.join(METHODS)}")
-    classes = (list(range(run.num_classes)) if args.classes is None
-               else [int(c) for c in args.classes.split(",") if c.strip()])
+    classes = list(range(run.num_classes)) if args.classes is None else _csv(args.classes, int)
     out_of_range = [c for c in classes if not 0 <= c < run.num_classes]
     if out_of_range:
         raise CLIError(f"class(es) {out_of_range} out of range: num_classes={run.num_classes}")
@@ -461,7 +461,7 @@ def cmd_evaluate(args, info=None, device=None):
         run = Run(args.run, device=device, data_root=args.data_root)
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None
-    wanted = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    wanted = tuple(_csv(args.metrics))
     bad = [m for m in wanted if m not in ("acc", "zrf", "rt", "insdel")]
     if bad:
         raise CLIError(f"unknown metric(s) {bad}: use acc, zrf, rt, insdel")
@@ -489,7 +489,7 @@ def cmd_explain(args, info=None, device=None):
         run = Run(args.run, device=device, data_root=args.data_root)
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None
-    layers = None if args.layers is None else [l.strip() for l in args.layers.split(",") if l.strip()]
+    layers = _csv(args.layers)
     try:
         out = explain_run(run, layers=layers, force=args.force, top_k=args.top_k, max_classes=args.max_classes,
                           progress=not args.no_progress)
