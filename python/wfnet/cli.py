@@ -536,15 +536,19 @@ COMMANDS = {"train": cmd_train, "untrain": cmd_untrain, "baselines": cmd_baselin
 
 
 def main(argv=None) -> int:
+    import torch.distributed as dist
+
     try:
         args = parse_args(argv)
         COMMANDS[args.command](args)
+        if dist.is_available() and dist.is_initialized():
+            # rank 0 still writes results after the last collective: tearing gloo down on the other ranks while it
+            # works can abort them ("terminate called without an active exception"), so all ranks leave together
+            dist.barrier()
     except CLIError as exc:
         print(f"wfnet: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
