@@ -335,6 +335,7 @@ def _untrain_overrides(args) -> dict:
 
 def cmd_untrain(args, info=None, device=None):
     from . import metrics, save_filters, wrap
+    from .serialization import write_text
     from .experiment import read_json, write_json
     from .untrain import model_kind, recipe, untrain
 
@@ -393,7 +394,7 @@ def cmd_untrain(args, info=None, device=None):
     write_json(run.run_dir / "results.json", results)
     md = accuracy_table(f"{run.config['model']} on {run.config['dataset']}", orig_acc, wf_acc, run.class_names,
                         args.recipe, summary["seconds"])
-    (run.run_dir / "results.md").write_text(md)
+    write_text(run.run_dir / "results.md", md)
     print(md)
     return results
 

@@ -26,7 +26,7 @@ from .checkpoint import load_model_weights
 from .data import DataBundle, load_dataset
 from .model import WFModel, wrap
 from .models import build_model, min_image_size
-from .serialization import atomic_write, load_filters
+from .serialization import load_filters, write_text
 
 __all__ = ["Run", "write_json", "read_json", "model_spec", "BASELINE_METHODS"]
 
@@ -34,13 +34,7 @@ BASELINE_METHODS = ("retrain", "random-labels", "negative-gradients")
 
 
 def write_json(path, obj) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_json(path) -> dict:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import metrics as M
 from . import paper
-from .serialization import atomic_write
+from .serialization import write_text
 
 __all__ = ["evaluate_run", "explain_run", "DEFAULT_ZRF_SEED", "METRICS"]
 
@@ -53,8 +53,7 @@ def _clean(obj):
     return obj
 
 
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+_write_text = write_text
 
 
 def _write_json(path: Path, obj) -> None:

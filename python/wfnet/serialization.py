@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from .model import WFModel
 
-__all__ = ["save_filters", "load_filters", "read_filters_metadata", "atomic_write"]
+__all__ = ["save_filters", "load_filters", "read_filters_metadata", "atomic_write", "write_text"]
 
 FORMAT = "wfnet-filters"
 
@@ -53,6 +53,15 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text(path, text: str) -> None:
+    """Write a text file atomically (UTF-8)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
 
 
 def save_filters(wf: WFModel, path, metadata: dict | None = None) -> None:
