@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -73,3 +74,15 @@ def elementwise_tiles(c: int, p: int, channels_contiguous: bool) -> tuple[int, i
         bp = min(triton.next_power_of_2(max(p, 1)), 512)
         bc = min(triton.next_power_of_2(max(c, 1)), max(total // bp, 1))
     return max(bc, 2), max(bp, 2)
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped order: GROUP_M row tiles share the same weight column tiles
+    while those are hot in L2 (the standard Triton matmul schedule)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group) % group_size, (pid % group) // group_size

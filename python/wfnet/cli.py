@@ -224,13 +224,13 @@ def _identity(cfg: dict) -> dict:
     return {k: cfg.get(k) for k in keys}
 
 
-def _open_run(args, device):
-    """The run folder named on the command line, its trained original model and its data."""
+def _open_run(args, device, models: bool = True):
+    """The run folder named on the command line; with ``models``, also its trained original model and its data."""
     from .experiment import Run
 
     try:
         run = Run(args.run, device=device, data_root=args.data_root)
-        return run, run.original_model(), run.data
+        return (run, run.original_model(), run.data) if models else run
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
 
@@ -453,15 +453,11 @@ def cmd_baselines(args, info=None, device=None):
 
 
 def cmd_evaluate(args, info=None, device=None):
-    from .experiment import Run
     from .report import evaluate_run
 
     if info is None:
         info, device = _setup(args)
-    try:
-        run = Run(args.run, device=device, data_root=args.data_root)
-    except FileNotFoundError as exc:
-        raise CLIError(str(exc)) from None
+    run = _open_run(args, device, models=False)
     wanted = tuple(_csv(args.metrics))
     bad = [m for m in wanted if m not in ("acc", "zrf", "rt", "insdel")]
     if bad:
@@ -481,15 +477,11 @@ def cmd_evaluate(args, info=None, device=None):
 
 
 def cmd_explain(args, info=None, device=None):
-    from .experiment import Run
     from .report import explain_run
 
     if info is None:
         info, device = _setup(args)
-    try:
-        run = Run(args.run, device=device, data_root=args.data_root)
-    except FileNotFoundError as exc:
-        raise CLIError(str(exc)) from None
+    run = _open_run(args, device, models=False)
     layers = _csv(args.layers)
     try:
         out = explain_run(run, layers=layers, force=args.force, top_k=args.top_k, max_classes=args.max_classes,
