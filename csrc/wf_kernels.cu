@@ -74,6 +74,19 @@ int64_t grid_for(int64_t work_items, int64_t per_sm) {
 }
 
 // ------------------------------------------------------------------------------------------------------------------
+// Sample n and channel c of flat element i: channels-inner (channels_last / linear [M, C]) or channels-outer (NCHW).
+template <bool kChannelsInner, typename index_t>
+__device__ __forceinline__ void locate(index_t i, index_t channels, index_t spatial, index_t& n, index_t& c) {
+  if (kChannelsInner) {
+    c = i % channels;
+    n = i / (channels * spatial);
+  } else {
+    const index_t plane = i / spatial;
+    c = plane % channels;
+    n = plane / channels;
+  }
+}
+
 // Forward epilogue (also computes grad_z = grad_out * gate when called without bias).
 // z and out may alias (in-place launch), so they are not __restrict__.
 template <typename scalar_t, typename index_t, bool kChannelsInner>
@@ -84,14 +97,7 @@ __global__ void gate_epilogue_kernel(const scalar_t* z, scalar_t* out, const int
   const index_t step = static_cast<index_t>(blockDim.x) * gridDim.x;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += step) {
     index_t n, c;
-    if (kChannelsInner) {
-      c = i % channels;
-      n = i / (channels * spatial);
-    } else {
-      const index_t plane = i / spatial;
-      c = plane % channels;
-      n = plane / channels;
-    }
+    locate<kChannelsInner>(i, channels, spatial, n, c);
     const int64_t r = rows[n];
     CUDA_KERNEL_ASSERT(r >= 0 && r < num_classes);
     const int64_t k = r * static_cast<int64_t>(channels) + c;
@@ -123,14 +129,7 @@ __global__ void gate_epilogue_vec_kernel(const scalar_t* z, scalar_t* out, const
   for (index_t vi = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; vi < num_vecs; vi += step) {
     const index_t i0 = vi * kVec;
     index_t n, c0;
-    if (kChannelsInner) {
-      c0 = i0 % channels;
-      n = i0 / (channels * spatial);
-    } else {
-      const index_t plane = i0 / spatial;
-      c0 = plane % channels;
-      n = plane / channels;
-    }
+    locate<kChannelsInner>(i0, channels, spatial, n, c0);
     const int64_t r = rows[n];
     CUDA_KERNEL_ASSERT(r >= 0 && r < num_classes);
     const int64_t k0 = r * static_cast<int64_t>(channels) + c0;
