@@ -128,7 +128,7 @@ def untrain_loss(logits, labels, n_forget: int, params, cfg: UntrainConfig) -> t
     """The loss of method.md section 3 on one expanded batch; returns (loss, {"forget_ce", "retain_ce", "reg", ...})."""
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
     ce_f, ce_r = ce[:n_forget], ce[n_forget:]
-    zero = logits.sum() * 0
+    zero = ce.sum() * 0
     if ce_f.numel() == 0:
         forget_term = zero
     elif cfg.forget_loss == "mean_inverse":
@@ -140,8 +140,10 @@ def untrain_loss(logits, labels, n_forget: int, params, cfg: UntrainConfig) -> t
     retain_term = ce_r.mean() if ce_r.numel() else zero
     reg = gate_regulariser(params)
     loss = cfg.lambda_retain * retain_term + cfg.lambda_forget * forget_term + cfg.lambda_reg * reg
-    parts = {"loss": loss.item(), "forget_ce": ce_f.mean().item() if ce_f.numel() else float("nan"),
-             "retain_ce": retain_term.item(), "forget_term": forget_term.item(), "reg": reg.item()}
+    # One device-to-host copy for all the parts (five .item() calls would be five syncs on a GPU).
+    forget_ce = ce_f.mean() if ce_f.numel() else torch.full((), float("nan"), device=logits.device)
+    values = torch.stack([loss, forget_ce, retain_term, forget_term, reg]).detach().float().tolist()
+    parts = dict(zip(("loss", "forget_ce", "retain_ce", "forget_term", "reg"), values))
     return loss, parts
 
 
@@ -160,7 +162,7 @@ def validation_loss(wf: nn.Module, params, val_ds: Dataset, num_classes: int, cf
     for i, (x, y) in enumerate(loader):
         inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, _rows_generator(cfg.seed, -1, i))
         inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info)
-        logits = wf(inputs.to(device), forget=rows.to(device))
+        logits = wf(inputs.to(device), forget=rows)  # CPU rows: validated on the CPU, moved once by the router
         _, parts = untrain_loss(logits, labels.to(device), nf, params, cfg)
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v * x.shape[0]
@@ -240,7 +242,7 @@ def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig,
             step = st["step"]
             inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, _rows_generator(cfg.seed, epoch, step))
             inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info)
-            logits = model(inputs.to(device), forget=rows.to(device))
+            logits = model(inputs.to(device), forget=rows)  # CPU rows: validated on the CPU, moved once by the router
             loss, parts = untrain_loss(logits, labels.to(device), nf, params, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
