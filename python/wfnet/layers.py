@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .routing import RowRouter
+from .rows import LayerRows, RowRouter, Rows
 
 __all__ = ["WFConv2d", "WFLinear", "FilteredLayer"]
 
@@ -38,6 +38,9 @@ class FilteredLayer:
 
     num_classes: int
     _router: RowRouter | None
+    # Set by an attention adapter whose layer runs on a folded batch (leading size k*B, each sample's k entries
+    # consecutive, e.g. window attention): the sample's row is repeated k times. Never inferred from sizes.
+    folded_batch: bool = False
 
     def _init_filters(self, num_classes: int, init: float, out_features: int, has_bias: bool, device):
         if num_classes < 1:
@@ -54,13 +57,15 @@ class FilteredLayer:
         if self.bias is not None:
             self.bias.requires_grad_(False)
 
-    def _rows(self, x, forget):
-        """Rows for this call: an explicit ``forget`` (validated here), else the router's (validated when routed)."""
+    def _rows(self, x, forget) -> LayerRows | None:
+        """Rows for this call, bound to ``x``: an explicit ``forget`` (validated here), else the router's (validated
+        once per model forward, when routed; nothing is re-checked here)."""
         if forget is not None:
             self._check_input_device(x)  # first: moving rows to a wrong device would fail less clearly
-            return ops.check_rows(forget, x.shape[0], self.num_classes, x.device)
+            return Rows.prepare(forget, self.num_classes, None if self.folded_batch else x.shape[0]).bind(
+                x, self.folded_batch)
         if self._router is not None:
-            return self._router.rows_for(x)
+            return self._router.rows_for(self, x, self.folded_batch)
         return None
 
     def _check_input_device(self, x):
@@ -74,7 +79,10 @@ class FilteredLayer:
         alpha = self.alpha_weight if which == "weight" else self.alpha_bias
         if alpha is None:
             raise ValueError(f"{type(self).__name__} has no {which} gates")
-        return torch.sigmoid(alpha[ops.check_rows(row, 1, self.num_classes, alpha.device)[0]].float())
+        rows = Rows.prepare(row, self.num_classes)
+        if not isinstance(rows.value, int):
+            raise TypeError(f"gate() takes one class row (an int), got {row!r}")
+        return torch.sigmoid(alpha[rows.value].float())
 
     def _filter_repr(self):
         return f"num_classes={self.num_classes}, gates={'weight+bias' if self.alpha_bias is not None else 'weight'}"
@@ -115,7 +123,7 @@ class WFConv2d(FilteredLayer, nn.Conv2d):
             padding = 0
         x, weight, bias, cast = _autocast(x, self.weight, self.bias)
         with torch.autocast(x.device.type, enabled=False) if cast else contextlib.nullcontext():
-            return ops._conv2d_checked(x, weight, bias, self.alpha_weight, self.alpha_bias, rows, self.stride,
+            return ops.conv2d_prepared(x, weight, bias, self.alpha_weight, self.alpha_bias, rows, self.stride,
                                        padding, self.dilation, self.groups, backend=None)
 
     def extra_repr(self):
@@ -150,7 +158,7 @@ class WFLinear(FilteredLayer, nn.Linear):
         self._check_input_device(x)
         x, weight, bias, cast = _autocast(x, self.weight, self.bias)
         with torch.autocast(x.device.type, enabled=False) if cast else contextlib.nullcontext():
-            return ops._linear_checked(x, weight, bias, self.alpha_weight, self.alpha_bias, rows, backend=None)
+            return ops.linear_prepared(x, weight, bias, self.alpha_weight, self.alpha_bias, rows, backend=None)
 
     def extra_repr(self):
         return nn.Linear.extra_repr(self) + ", " + self._filter_repr()

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .layers import FilteredLayer, WFConv2d, WFLinear
-from .routing import RowRouter
+from .rows import RowRouter
 
 __all__ = ["WFModel", "wrap", "forgetting", "export", "find_targets"]
 

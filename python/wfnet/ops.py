@@ -9,8 +9,9 @@ For a batch of B samples, each with a class row r_n in [0, N_c):
 int64 tensor [B] (or one int for the whole batch); ``rows=None`` means the plain, unfiltered layer. A layer without
 bias passes ``bias=None`` (and then ``alpha_bias`` must be None too).
 
-Rows are validated here, in Python, before any backend or kernel sees them: an out-of-range row raises
-``ValueError`` naming the value and ``num_classes``.
+Rows are validated by :class:`wfnet.rows.Rows` before any backend or kernel sees them: an out-of-range row raises
+``ValueError`` naming the value and ``num_classes``. ``rows`` may also be a ``Rows`` prepared beforehand (e.g. once per
+model forward, as the filtered layers do); then nothing is re-checked.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from .backends import resolve_backend
+from .rows import LayerRows, Rows
 
-__all__ = ["wf_conv2d", "wf_linear", "check_rows"]
+__all__ = ["wf_conv2d", "wf_linear"]
 
 
 def _pair(v, name):
@@ -29,38 +31,6 @@ def _pair(v, name):
     if len(v) != 2:
         raise ValueError(f"{name} must be an int or a pair, got {v}")
     return v
-
-
-def check_rows(rows, batch: int, num_classes: int, device) -> torch.Tensor | None:
-    """Validate and normalise ``rows`` to an int64 tensor [batch] on ``device`` (None stays None).
-
-    Raises TypeError for a non-integer dtype, ValueError for a wrong shape or an out-of-range value.
-    """
-    if rows is None:
-        return None
-    if isinstance(rows, bool):
-        raise TypeError("forget rows must be an int or an integer tensor, got a bool")
-    if isinstance(rows, int):
-        if not 0 <= rows < num_classes:
-            raise ValueError(f"forget row {rows} is out of range: num_classes={num_classes}, valid rows are "
-                             f"0..{num_classes - 1}")
-        return torch.full((batch,), rows, dtype=torch.long, device=device)
-    if not isinstance(rows, torch.Tensor):
-        rows = torch.as_tensor(rows)
-    if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
-        raise TypeError(f"forget rows must be an integer tensor (int64 class ids), got dtype {rows.dtype}")
-    if rows.dim() == 0:
-        return check_rows(int(rows), batch, num_classes, device)
-    if rows.dim() != 1 or rows.shape[0] != batch:
-        raise ValueError(f"forget rows must have shape [{batch}] (one class row per sample), got {list(rows.shape)}")
-    # Range check where the rows live, before the move: CPU rows for a GPU input cost no device sync.
-    if rows.numel() and rows.device.type != "meta" and not torch.compiler.is_compiling():
-        lo, hi = int(rows.min()), int(rows.max())
-        if lo < 0 or hi >= num_classes:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"forget row {bad} is out of range: num_classes={num_classes}, valid rows are "
-                             f"0..{num_classes - 1}")
-    return rows.to(device=device, dtype=torch.long)
 
 
 def _check_alphas(weight, bias, alpha_weight, alpha_bias):
@@ -112,11 +82,13 @@ def wf_conv2d(x, weight, bias, alpha_weight, alpha_bias, rows, stride=1, padding
         raise ValueError(f"wf_conv2d expects a 4-d input [B, C, H, W], got shape {list(x.shape)}")
     num_classes = _check_alphas(weight, bias, alpha_weight, alpha_bias)
     _check_device(x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias)
-    rows = check_rows(rows, x.shape[0], num_classes, x.device)
-    return _conv2d_checked(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups, backend)
+    rows = Rows.prepare(rows, num_classes, x.shape[0]).bind(x)
+    return conv2d_prepared(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups, backend)
 
 
-def _conv2d_checked(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups, backend):
+def conv2d_prepared(x, weight, bias, alpha_weight, alpha_bias, rows: LayerRows, stride, padding, dilation, groups,
+                    backend=None):
+    """:func:`wf_conv2d` for rows already validated and bound to ``x`` (what the filtered layers call)."""
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     x, padding = _resolve_conv_padding(x, weight, stride, padding, dilation)
     args = dict(x=x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias, rows=rows,
@@ -133,10 +105,11 @@ def wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows, backend=None):
                          f"{list(x.shape)}")
     num_classes = _check_alphas(weight, bias, alpha_weight, alpha_bias)
     _check_device(x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias)
-    rows = check_rows(rows, x.shape[0], num_classes, x.device)
-    return _linear_checked(x, weight, bias, alpha_weight, alpha_bias, rows, backend)
+    rows = Rows.prepare(rows, num_classes, x.shape[0]).bind(x)
+    return linear_prepared(x, weight, bias, alpha_weight, alpha_bias, rows, backend)
 
 
-def _linear_checked(x, weight, bias, alpha_weight, alpha_bias, rows, backend):
+def linear_prepared(x, weight, bias, alpha_weight, alpha_bias, rows: LayerRows, backend=None):
+    """:func:`wf_linear` for rows already validated and bound to ``x`` (what the filtered layers call)."""
     args = dict(x=x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias, rows=rows)
     return resolve_backend("linear", backend, args).linear(**args)

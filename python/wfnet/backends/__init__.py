@@ -7,8 +7,9 @@ Every backend computes the same function (see ``wfnet.ops``); they differ in how
 * ``conv2d(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups)``;
 * ``linear(x, weight, bias, alpha_weight, alpha_bias, rows)``.
 
-The ops hand backends *normalised* arguments: rows already validated (int64, on x's device, in range), padding as a
-pair of ints (string / asymmetric padding is resolved beforehand), stride and dilation as pairs.
+The ops hand backends *normalised* arguments: rows as a validated :class:`wfnet.rows.LayerRows` (``.index``: int64
+[B] on x's device, in range; ``.segments()``: the per-batch sort by row, shared by every layer of a forward), padding
+as a pair of ints (string / asymmetric padding is resolved beforehand), stride and dilation as pairs.
 
 Selection (xformers-style): an explicitly requested backend that cannot take the input raises
 :class:`BackendUnavailableError` listing every reason; ``"auto"`` walks the preference list for the device and takes

@@ -153,11 +153,11 @@ class CudaBackend:
 
     def conv2d(self, x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups):
         z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows, channel_dim=1)
+        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows.index, channel_dim=1)
 
     def linear(self, x, weight, bias, alpha_weight, alpha_bias, rows):
         z = F.linear(x, weight)
-        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows, channel_dim=-1)
+        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows.index, channel_dim=-1)
 
 
 BACKEND = CudaBackend()

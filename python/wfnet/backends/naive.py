@@ -39,7 +39,7 @@ class NaiveBackend:
     def conv2d(self, x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups):
         n = x.shape[0]
         c_out = weight.shape[0]
-        w, b = _masked(weight.to(x.dtype), None if bias is None else bias.to(x.dtype), alpha_weight, alpha_bias, rows)
+        w, b = _masked(weight.to(x.dtype), None if bias is None else bias.to(x.dtype), alpha_weight, alpha_bias, rows.index)
         if n == 0:
             out = F.conv2d(x, weight.to(x.dtype), None, stride, padding, dilation, groups)
             return out
@@ -51,7 +51,8 @@ class NaiveBackend:
 
     def linear(self, x, weight, bias, alpha_weight, alpha_bias, rows):
         n = x.shape[0]
-        w, b = _masked(weight.to(x.dtype), None if bias is None else bias.to(x.dtype), alpha_weight, alpha_bias, rows)
+        w, b = _masked(weight.to(x.dtype), None if bias is None else bias.to(x.dtype), alpha_weight, alpha_bias,
+                       rows.index)
         tokens = math.prod(x.shape[1:-1])  # explicit: reshape cannot infer -1 when B == 0
         xt = x.reshape(n, tokens, x.shape[-1])  # [B, T, F_in]
         out = torch.bmm(xt, w.transpose(1, 2))  # [B, T, F_out]

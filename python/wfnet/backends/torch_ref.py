@@ -55,11 +55,11 @@ class TorchBackend:
 
     def conv2d(self, x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups):
         z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        return apply_gate(z, bias, alpha_weight, alpha_bias, rows, channel_dim=1)
+        return apply_gate(z, bias, alpha_weight, alpha_bias, rows.index, channel_dim=1)
 
     def linear(self, x, weight, bias, alpha_weight, alpha_bias, rows):
         z = F.linear(x, weight)
-        return apply_gate(z, bias, alpha_weight, alpha_bias, rows, channel_dim=z.dim() - 1)
+        return apply_gate(z, bias, alpha_weight, alpha_bias, rows.index, channel_dim=z.dim() - 1)
 
 
 BACKEND = TorchBackend()

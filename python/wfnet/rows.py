@@ -1,0 +1,265 @@
+"""Class rows: the one home of the row type, its validation, and the router that hands rows to filtered layers.
+
+A *row* is a class index 0..N_c-1 per sample: "run this sample as if class r was unlearned". Rows arrive as an int (one
+row for the whole batch), a sequence or an integer tensor [B], or None (the original model).
+
+:class:`Rows` is a batch's rows after validation. It is built ONCE per model forward (``Rows.prepare``): dtype, shape
+and range are checked where the rows live (on the CPU for CPU rows, so a GPU forward pays no sync for them; one
+device-to-host sync for rows that arrive on a GPU), then every filtered layer of that forward asks for the device copy
+(``Rows.on(device)``), which is made once (pinned + ``non_blocking`` for CPU -> CUDA) and reused. Nothing is re-checked
+per layer. What the backward's deterministic class reduction needs (samples stably sorted by row, segment offsets per
+class) is built once per batch and device as well (``Rows.segments``), with no host sync: the offsets come from a
+``searchsorted`` over all N_c classes, so kernels launch a fixed grid over the classes and skip empty segments (the
+vLLM multi-LoRA scheme) instead of sizing the grid from ``unique_consecutive``.
+
+Under ``torch.compile`` the range check cannot run on the host (it would need the values); it becomes a device-side
+assertion (``torch._assert_async``), so an out-of-range row still never reaches a kernel unchecked.
+
+:class:`RowRouter`: each :class:`~wfnet.model.WFModel` owns one, shared by its filtered layers (a plain attribute, not
+global state, so several wrapped models never see each other's rows). ``route()`` pushes one :class:`RouteFrame` per
+forward (per thread: ``nn.DataParallel`` replicas and threaded servers share one router) and pops it in a ``finally``.
+A frame also records which filtered layers asked for rows, which the model's coverage guard reads.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, NamedTuple
+
+import torch
+
+__all__ = ["Rows", "LayerRows", "RowRouter", "RouteFrame", "prepare_rows", "row_error"]
+
+# Counts Rows.prepare calls that validated values (tests assert "once per forward, never per layer").
+VALIDATIONS = [0]
+
+
+def row_error(value: int, num_classes: int) -> ValueError:
+    return ValueError(f"forget row {value} is out of range: num_classes={num_classes}, valid rows are "
+                      f"0..{num_classes - 1}")
+
+
+def _shape_error(batch: int, shape) -> ValueError:
+    return ValueError(f"forget rows must have shape [{batch}] (one class row per sample), got {list(shape)}")
+
+
+class Rows:
+    """Validated class rows of one batch: ``value`` is an int (same row for every sample) or an int64 tensor [batch]
+    on the device the rows arrived on. Build with :meth:`prepare`; read with :meth:`on` / :meth:`segments`."""
+
+    __slots__ = ("value", "num_classes", "batch", "_on", "_segments")
+
+    def __init__(self, value, num_classes: int, batch: int | None):
+        self.value = value
+        self.num_classes = int(num_classes)
+        self.batch = batch
+        self._on: dict = {}
+        self._segments: dict = {}
+
+    @classmethod
+    def prepare(cls, rows, num_classes: int, batch: int | None = None) -> "Rows | None":
+        """Validate ``rows`` once (dtype, shape, and range against ``num_classes``). ``batch``, when known, is the
+        expected length of a tensor of rows. A :class:`Rows` is returned as it is (after a num_classes/batch check)."""
+        if rows is None:
+            return None
+        if isinstance(rows, Rows):
+            if rows.num_classes != num_classes:
+                raise ValueError(f"rows were prepared for num_classes={rows.num_classes}, this model has "
+                                 f"{num_classes}")
+            if batch is not None and rows.batch is not None and rows.batch != batch:
+                raise _shape_error(batch, [rows.batch])
+            return rows
+        VALIDATIONS[0] += 1
+        if isinstance(rows, bool):
+            raise TypeError("forget rows must be an int or an integer tensor, got a bool")
+        if isinstance(rows, int):
+            if not 0 <= rows < num_classes:
+                raise row_error(rows, num_classes)
+            return cls(rows, num_classes, None)
+        if not isinstance(rows, torch.Tensor):
+            try:
+                rows = torch.as_tensor(rows)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TypeError(f"forget rows must be an int, a sequence of ints or an integer tensor: {exc}") from None
+        if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
+            raise TypeError(f"forget rows must be an integer tensor (int64 class ids), got dtype {rows.dtype}")
+        if rows.dim() == 0:
+            if torch.compiler.is_compiling():
+                rows = rows.reshape(1)
+            else:
+                VALIDATIONS[0] -= 1  # counted once, in the recursive call
+                return cls.prepare(int(rows), num_classes, batch)
+        if rows.dim() != 1:
+            if batch is not None:
+                raise _shape_error(batch, rows.shape)
+            raise ValueError(f"forget rows must be an int or a 1-d tensor [B] (one class row per sample), got shape "
+                             f"{list(rows.shape)}")
+        if batch is not None and rows.shape[0] != batch and not (rows.shape[0] == 1 and rows.dim() == 1 and
+                                                                  torch.compiler.is_compiling()):
+            raise _shape_error(batch, rows.shape)
+        rows = rows.long()
+        if rows.numel() and rows.device.type != "meta":
+            if torch.compiler.is_compiling():
+                # no host values inside a compiled graph: assert on the device instead
+                torch._assert_async(((rows >= 0) & (rows < num_classes)).all(),
+                                    f"forget row out of range: num_classes={num_classes}")
+            else:
+                lo, hi = torch.aminmax(rows)
+                lo, hi = torch.stack([lo, hi]).tolist()  # one device-to-host copy (none for CPU rows)
+                if lo < 0 or hi >= num_classes:
+                    raise row_error(lo if lo < 0 else hi, num_classes)
+        return cls(rows, num_classes, rows.shape[0])
+
+    # -------------------------------------------------------------------------------------------------- reading
+    def on(self, device, n: int | None = None, folded: bool = False) -> torch.Tensor:
+        """The rows as an int64 tensor [n] on ``device`` (made once per device and length, then reused).
+
+        ``n`` is the layer input's leading size (default: the batch). When it is not the batch, only a layer that
+        declares a folded batch (``folded=True``: each sample's ``n // batch`` entries are consecutive, as in window
+        attention) gets each row repeated; anything else raises rather than guess.
+        """
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        batch = self.batch
+        if n is None:
+            if batch is None:
+                raise ValueError("rows given as one int need the batch size")
+            n = batch
+        fold = 1
+        if batch is not None and n != batch:
+            if not folded:
+                raise _shape_error(n, [batch])
+            if batch == 0 or n % batch:
+                raise ValueError(f"a folded layer's leading size {n} is not a multiple of the batch size {batch}")
+            fold = n // batch
+        key = (device, n)
+        cached = self._on.get(key)
+        if cached is not None:
+            return cached
+        if isinstance(self.value, int):
+            t = torch.full((n,), self.value, dtype=torch.long, device=device)
+        else:
+            t = self._move(self.value, device)
+            if fold > 1:
+                t = t.repeat_interleave(fold)
+        if not torch.compiler.is_compiling():
+            self._on[key] = t
+        return t
+
+    @staticmethod
+    def _move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if t.device == device:
+            return t
+        if t.device.type == "cpu" and device.type == "cuda" and not torch.compiler.is_compiling():
+            # a copy from pageable memory blocks the host; from pinned memory it is queued on the stream
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
+
+    def segments(self, device, n: int | None = None, folded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(perm, starts)`` for deterministic per-class reductions over the rows on ``device``: ``perm`` [n] sorts
+        the samples by row (stable), ``starts`` [N_c + 1] gives class r's samples as ``perm[starts[r]:starts[r+1]]``
+        (empty for classes without samples). Built once per batch and device, no host sync."""
+        idx = self.on(device, n, folded)
+        key = (idx.device, idx.shape[0])
+        cached = self._segments.get(key)
+        if cached is not None:
+            return cached
+        sorted_rows, perm = torch.sort(idx, stable=True)
+        starts = torch.searchsorted(sorted_rows, torch.arange(self.num_classes + 1, device=idx.device))
+        seg = (perm, starts)
+        if not torch.compiler.is_compiling():
+            self._segments[key] = seg
+        return seg
+
+    def bind(self, x: torch.Tensor, folded: bool = False) -> "LayerRows":
+        """These rows for one layer input ``x`` (see :meth:`on`), as the backends take them."""
+        return LayerRows(self.on(x.device, x.shape[0], folded), self, folded)
+
+    def __repr__(self):
+        what = self.value if isinstance(self.value, int) else f"tensor[{self.batch}] on {self.value.device}"
+        return f"Rows({what}, num_classes={self.num_classes})"
+
+
+class LayerRows(NamedTuple):
+    """What a backend gets: the validated rows of its input (``index``, int64 [n] on the input's device) and where
+    they came from, so that per-batch structures (``segments()``) are shared by every layer of the forward."""
+
+    index: torch.Tensor
+    rows: Rows
+    folded: bool = False
+
+    def segments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rows.segments(self.index.device, self.index.shape[0], self.folded)
+
+
+def prepare_rows(rows, num_classes: int, batch: int | None = None) -> Rows | None:
+    """Validate ``rows`` for a model with ``num_classes`` classes (see :meth:`Rows.prepare`)."""
+    return Rows.prepare(rows, num_classes, batch)
+
+
+class RouteFrame:
+    """The rows of one routed forward, and the filtered layers (by id) that asked for them."""
+
+    __slots__ = ("rows", "used")
+
+    def __init__(self, rows: Rows | None):
+        self.rows = rows
+        self.used: set[int] = set()
+
+
+class RowRouter:
+    """A per-thread stack of :class:`RouteFrame` (rows, or None for "no filtering") shared by a model's layers."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = int(num_classes)
+        self._local = threading.local()
+
+    @property
+    def _stack(self) -> list:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def active(self) -> bool:
+        """Whether rows (or an explicit None) are routed in this thread."""
+        return bool(self._stack)
+
+    def __getstate__(self):  # a copied / pickled model starts with no active rows
+        return {"num_classes": self.num_classes}
+
+    def __setstate__(self, state):
+        self.num_classes = state["num_classes"]
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def route(self, rows, batch: int | None = None) -> Iterator[RouteFrame]:
+        """Validate ``rows`` once and make them the active rows of this thread inside the block."""
+        frame = RouteFrame(Rows.prepare(rows, self.num_classes, batch))
+        self._stack.append(frame)
+        try:
+            yield frame
+        finally:
+            self._stack.pop()
+
+    def current(self) -> RouteFrame | None:
+        stack = self._stack
+        return stack[-1] if stack else None
+
+    def rows_for(self, layer, x: torch.Tensor, folded: bool = False) -> LayerRows | None:
+        """The active rows bound to ``layer``'s input ``x`` (index int64 [x.shape[0]] on x's device), or None when
+        nothing is routed. Records that ``layer`` ran in this frame (the coverage guard reads it)."""
+        frame = self.current()
+        if frame is None:
+            return None
+        if not torch.compiler.is_compiling():
+            frame.used.add(id(layer))
+        if frame.rows is None:
+            return None
+        return frame.rows.bind(x, folded)
+
+    def rows_object(self) -> Rows | None:
+        """The active :class:`Rows` (None when nothing or None is routed)."""
+        frame = self.current()
+        return None if frame is None else frame.rows
