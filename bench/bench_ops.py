@@ -8,12 +8,24 @@ weights frozen unless --train-weight; --no-alpha-grad: grad to x only), fwd+bwd.
 32x32 / patch 4 with N_c=10, 197 at 224 / patch 16 with N_c=1000), batch 256 = label-expanded 128 (64 forget samples
 on their label rows + 3*64 retain samples on random rows).
 
-Times are medians from ``triton.testing.do_bench`` on GPU and a plain ``time.perf_counter`` loop on CPU (``--quick``
-for a smoke run); each provider's ratio to plain and the peak memory above the inputs (GPU only) are reported. Results
-go to bench/results/bench_<device>_<date>.json and .md, stamped with device, torch / triton versions and date, and
-are rewritten after every shape, so a run cut short keeps what it measured. ``--record-dispatch`` also times both
-Triton conv paths (forward; the backward is the same for both) and writes the faster per shape to
-wf_kernels/dispatch_table.json for this device.
+Modes: ``forward`` is inference (no_grad: no graph, nothing saved); ``backward`` and ``fwd+bwd`` are training (the
+gate logits and x need grads). Rows are prepared outside the timed region: drawn, moved to the device and validated
+once (``wfnet.rows.prepare_rows`` when the library has it, so the timed WF call pays no validation sync that the
+plain layer does not; the torch_compile provider gets the device tensor, since a compiled graph asserts on the
+device). On a GPU each cell also records the host syncs of one call (``torch.cuda.set_sync_debug_mode``).
+
+Timing: on GPU the median (with the 20th / 80th percentiles) of ``triton.testing.do_bench`` (CUDA events; it returns
+the MEAN unless quantiles or return_mode="median" are passed, so they are passed) and, beside it, the median of
+``triton.testing.do_bench_cudagraph`` (the same call replayed from a CUDA graph: launch overhead removed; a call that
+cannot be captured, e.g. one that syncs, is recorded as such). On CPU the median of a ``time.perf_counter`` loop.
+Each provider's ratio to plain and the peak memory above the inputs (GPU only) are reported. Results go to
+bench/results/bench_<device>_<date><tag>.json and .md, stamped with device, torch / triton / CUDA / cuDNN versions,
+TF32 flags and date, and are rewritten after every shape, so a run cut short keeps what it measured.
+``--record-dispatch`` also times both Triton conv paths (forward; the backward is the same for both), writes the
+faster per shape to wf_kernels/dispatch_table.json for this device and reloads the table in place
+(``wf_kernels.dispatch.TABLE``), so the triton provider is then timed on the path the table picks.
+``--quick``: few repetitions and, unless --shapes is given, one representative subset of shapes
+(QUICK_SHAPES); torch_compile is left out on GPU in quick mode (recorded as skipped with that reason).
 """
 from __future__ import annotations
 
@@ -48,8 +60,11 @@ RESNET18 = [("resnet18.conv1", 3, 64, 32, 3, 1, 1), ("resnet18.layer1", 64, 64, 
 VIT = [("vit_t.qkv.32px", 65, 192, 10), ("vit_t.qkv.224px", 197, 192, 1000),
        ("vit_s.qkv.32px", 65, 384, 10), ("vit_s.qkv.224px", 197, 384, 1000)]
 MODELS = {"vgg16": VGG16, "resnet18": RESNET18, "vit": VIT}
+QUICK_SHAPES = ("vgg16.conv1_2", "vgg16.conv4_2", "resnet18.layer2.0.conv1", "resnet18.layer3", "vit_s.qkv.32px",
+                "vit_s.qkv.224px")
 PROVIDERS = ("plain", "naive", "torch", "torch_compile", "triton", "cuda")
 MODES = ("forward", "backward", "fwd+bwd")
+MODE_KIND = {"forward": "inference (no_grad)", "backward": "training", "fwd+bwd": "training"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -83,9 +98,30 @@ def make_case(kind, spec, batch, dtype, device, train_weight, alpha_grad):
         bias=torch.randn(c, generator=gen).to(device, dtype).requires_grad_(train_weight),
         alpha_weight=torch.randn(nc, c, generator=gen).to(device).requires_grad_(alpha_grad),
         alpha_bias=torch.randn(nc, c, generator=gen).to(device).requires_grad_(alpha_grad),
-        rows=label_expanded_rows(batch, nc, gen).to(device),
+        rows_tensor=label_expanded_rows(batch, nc, gen).to(device),
     )
+    case["rows"] = prepare(case["rows_tensor"], nc, batch)
+    if device == "cuda":
+        torch.cuda.synchronize()  # the copies and the validation are done before anything is timed
     return case, conv
+
+
+def prepare(rows, num_classes, batch):
+    """Rows validated once, outside the timed region (``wfnet.rows.prepare_rows``; the plain device tensor on a
+    library without it)."""
+    try:
+        from wfnet.rows import prepare_rows
+    except ImportError:
+        return rows
+    return prepare_rows(rows, num_classes, batch)
+
+
+def rows_mode() -> str:
+    try:
+        from wfnet.rows import prepare_rows  # noqa: F401
+        return "wfnet.rows.prepare_rows once per case, outside the timed region (torch_compile: the device tensor)"
+    except ImportError:
+        return "int64 device tensor made before timing (this library version re-validates it per call)"
 
 
 def make_fn(provider, kind, case, conv):
@@ -106,18 +142,21 @@ def make_fn(provider, kind, case, conv):
         backend = "torch"
     else:
         backend = provider
+    rows = c["rows_tensor"] if provider == "torch_compile" else c["rows"]
     if kind == "conv":
         def fn():
-            return wf_conv2d(c["x"], c["weight"], c["bias"], c["alpha_weight"], c["alpha_bias"], c["rows"],
+            return wf_conv2d(c["x"], c["weight"], c["bias"], c["alpha_weight"], c["alpha_bias"], rows,
                              backend=backend, **conv)
     else:
         def fn():
-            return wf_linear(c["x"], c["weight"], c["bias"], c["alpha_weight"], c["alpha_bias"], c["rows"],
+            return wf_linear(c["x"], c["weight"], c["bias"], c["alpha_weight"], c["alpha_bias"], rows,
                              backend=backend)
     try:  # unsupported input -> a note instead of a number
         fn()
     except wfnet.BackendUnavailableError as exc:
         return f"skipped: {str(exc).splitlines()[-1].strip(' -')}"
+    except Exception as exc:  # a broken provider is recorded, not fatal: the other providers still get measured
+        return f"skipped: error in the first call: {type(exc).__name__}: {exc}"[:400]
     if provider == "torch_compile":
         return torch.compile(fn, fullgraph=True)
     return fn
@@ -147,8 +186,44 @@ def timed_call(fwd, case, mode, plain):
     return fb
 
 
-def measure(fn, device, quick):
-    """(median ms, peak extra MiB or None)."""
+def _quantiles(bench, fn, **kw):
+    """(median, p20, p80) from a triton.testing benchmark function; (median, None, None) on a signature without
+    quantiles. Never the mean."""
+    try:
+        med, lo, hi = bench(fn, quantiles=[0.5, 0.2, 0.8], **kw)
+        return float(med), float(lo), float(hi)
+    except TypeError:
+        return float(bench(fn, return_mode="median", **kw)), None, None
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def count_host_syncs(fn) -> int | None:
+    """Host syncs of one call of ``fn`` (GPU only): torch.cuda.set_sync_debug_mode warnings."""
+    import warnings
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def measure(fn, device, quick, graph=True) -> dict:
+    """{"ms": median, "p20_ms", "p80_ms", "graph_ms" (CUDA-graph replay median) or "graph_skipped", "peak_mib",
+    "syncs"}. GPU: triton.testing; CPU: time.perf_counter loop (median)."""
     if device == "cuda":
         import triton.testing
 
@@ -159,8 +234,19 @@ def measure(fn, device, quick):
         fn()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        ms = triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100)
-        return float(ms), round(peak, 2)
+        res = {"peak_mib": round(peak, 2), "syncs": count_host_syncs(fn)}
+        med, lo, hi = _quantiles(triton.testing.do_bench, fn, warmup=5 if quick else 25, rep=20 if quick else 100)
+        res.update(ms=med, p20_ms=lo, p80_ms=hi)
+        if graph:
+            if res["syncs"]:
+                res["graph_skipped"] = f"{res['syncs']} host sync(s) per call: cannot be captured in a CUDA graph"
+            else:
+                try:
+                    res["graph_ms"] = _quantiles(triton.testing.do_bench_cudagraph, fn, rep=20 if quick else 100)[0]
+                except Exception as exc:  # capture failed: say why, keep the event timing
+                    res["graph_skipped"] = f"capture failed: {type(exc).__name__}: {exc}"[:300]
+                    torch.cuda.synchronize()
+        return res
     fn()
     reps = 3 if quick else 10
     times = []
@@ -168,7 +254,8 @@ def measure(fn, device, quick):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), None
+    return {"ms": statistics.median(times), "p20_ms": None, "p80_ms": None, "peak_mib": None, "syncs": None,
+            "graph_skipped": "CPU: no CUDA graphs"}
 
 
 def stamp(device):
@@ -176,16 +263,24 @@ def stamp(device):
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     return {"device": name, "device_type": device, "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "host_cpus": os.cpu_count(), "argv": sys.argv[1:]}
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
+            else None, "date": datetime.datetime.now().isoformat(timespec="seconds"), "host_cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "argv": sys.argv[1:],
+            "tf32": {"cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                     "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+                     "float32_matmul_precision": torch.get_float32_matmul_precision()},
+            "autotune": os.environ.get("WFNET_AUTOTUNE", "1") != "0",
+            "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1"}
 
 
 def write(results, meta, path_base):
     path_base.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = [f"# wfnet op benchmark: {meta['device']} ({meta['device_type']})", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, {meta['date']}; "
-             f"batch {meta['batch']}; times are medians in ms ({meta['timer']}); x = ratio to plain; "
-             f"mem = peak MiB above inputs.", ""]
+             f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, cuDNN {meta['cudnn']}, "
+             f"{meta['date']}; batch {meta['batch']}; TF32 {meta['tf32']}; autotune {meta['autotune']}.", "",
+             f"Cells: median ms ({meta['timer']}) (ratio to plain[, CUDA-graph replay median ms][, peak MiB above "
+             f"inputs][, host syncs per call when not 0]). forward = inference (no_grad); backward, fwd+bwd = "
+             f"training. Rows: {meta['rows']}.", ""]
     if meta["device_type"] != "cuda":
         lines += ["**CPU run: a smoke test of the script, not a performance result.**", ""]
     provs = meta["providers"]
@@ -200,10 +295,16 @@ def write(results, meta, path_base):
             elif "skipped" in v:
                 cells.append("skip")
             else:
-                mem = "" if v["peak_mib"] is None else f", {v['peak_mib']:.0f} MiB"
-                cells.append(f"{v['ms']:.3f} ({v['ratio_to_plain']:.2f}x{mem})")
+                extra = "" if v.get("graph_ms") is None else f", graph {v['graph_ms']:.3f}"
+                extra += "" if v.get("peak_mib") is None else f", {v['peak_mib']:.0f} MiB"
+                extra += f", {v['syncs']} sync" if v.get("syncs") else ""
+                extra += (f", RECOMPILED {v['recompiles_while_timed']}x while timed"
+                          if v.get("recompiles_while_timed") else "")
+                cells.append(f"{v['ms']:.3f} ({v['ratio_to_plain']:.2f}x{extra})")
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | " + " | ".join(cells) + " |")
     notes = sorted({f"{p}: {v['skipped']}" for r in results for p, v in r["providers"].items() if "skipped" in v})
+    notes += sorted({f"{p} (CUDA graph): {v['graph_skipped']}" for r in results for p, v in r["providers"].items()
+                     if v.get("graph_skipped") and meta["device_type"] == "cuda"})
     if notes:
         lines += ["", "Skipped providers:", ""] + [f"- {n}" for n in notes]
     if meta.get("dispatch"):
@@ -224,7 +325,7 @@ def record_dispatch(case, conv, device, quick):
     for path in dispatch.CONV_PATHS:
         fn = lambda: kops.wf_conv2d(c["x"], c["weight"], c["bias"], c["alpha_weight"], c["alpha_bias"],  # noqa
                                     c["rows"], conv["stride"], conv["padding"], conv["dilation"], 1, path=path)
-        times[path] = measure(fn, device, quick)[0]
+        times[path] = measure(fn, device, quick, graph=False)["ms"]
     key = dispatch.shape_key("conv2d", c["x"].dtype, tuple(c["x"].shape), tuple(c["weight"].shape), conv["stride"],
                              conv["padding"], conv["dilation"], 1, cl)
     entry = {"path": min(times, key=times.get), "implicit_gemm_ms": times["implicit_gemm"],
@@ -238,14 +339,21 @@ def save_dispatch(meta):
 
     table = dispatch._load_table()
     table.setdefault(dispatch.DEVICE_NAME, {}).update(meta["dispatch"])  # the name dispatch looks up
-    dispatch.TABLE_PATH.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    tmp = dispatch.TABLE_PATH.with_name(dispatch.TABLE_PATH.name + ".tmp")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, dispatch.TABLE_PATH)
+    # dispatch read the table at import: reload it IN PLACE so every later call (and any module holding a reference
+    # to dispatch.TABLE) takes the paths just measured
+    dispatch.TABLE.clear()
+    dispatch.TABLE.update(dispatch._load_table())
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="vgg16,resnet18,vit", help="comma list of vgg16, resnet18, vit")
-    ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {', '.join(PROVIDERS)}")
+    ap.add_argument("--providers", default=None, help=f"comma list of {', '.join(PROVIDERS)} (default: all; "
+                                                      f"--quick on GPU leaves out torch_compile)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
     ap.add_argument("--batch", type=int, default=256, help="samples per batch (label-expanded: B/4 forget + 3B/4 "
@@ -262,7 +370,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    providers = [p for p in args.providers.split(",") if p]
+    excluded = {}
+    if args.providers is None:
+        providers = list(PROVIDERS)
+        if args.quick and device == "cuda":
+            providers.remove("torch_compile")
+            excluded["torch_compile"] = ("skipped: left out by --quick (an inductor compile per shape, dtype and "
+                                         "mode costs minutes); run without --quick (FULL=1 in gpu_check.sh)")
+    else:
+        providers = [p for p in args.providers.split(",") if p]
     modes = [m for m in args.modes.split(",") if m]
     bad = [p for p in providers if p not in PROVIDERS] + [m for m in modes if m not in MODES]
     if bad:
@@ -272,8 +388,11 @@ def main(argv=None):
     if "plain" not in providers:
         providers.insert(0, "plain")  # ratios are to plain
     meta = stamp(device)
-    meta.update(batch=args.batch, providers=providers, modes=modes,
-                timer="triton.testing.do_bench median" if device == "cuda" else "time.perf_counter median",
+    meta.update(batch=args.batch, providers=providers + list(excluded), modes=modes, rows=rows_mode(),
+                mode_kinds=MODE_KIND,
+                timer=("triton.testing.do_bench median of CUDA-event times (p20/p80 in the JSON); graph = "
+                       "triton.testing.do_bench_cudagraph median" if device == "cuda"
+                       else "time.perf_counter median"),
                 alpha_grad=not args.no_alpha_grad, train_weight=args.train_weight, dispatch={})
     dev_tag = (meta["device"].replace(" ", "_").replace("/", "_").replace("(", "").replace(")", "")
                if device == "cuda" else "cpu")
@@ -281,13 +400,18 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     base = out_dir / f"bench_{dev_tag}_{datetime.date.today().isoformat()}{args.tag}"
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    # the "backward" mode re-runs one saved graph (retain_graph=True), which donated buffers forbid
+    torch._functorch.config.donated_buffer = False
 
     results = []
     filt = [s for s in args.shapes.split(",") if s]
+    if args.quick and not filt:
+        filt = list(QUICK_SHAPES)
+        meta["shapes"] = f"--quick subset: {', '.join(QUICK_SHAPES)}"
     for model in args.models.split(","):
         kind = "linear" if model == "vit" else "conv"
         for spec in MODELS[model]:
-            if filt and not any(f in spec[0] for f in filt):
+            if filt and not any(f in spec[0] for f in filt):  # substring match (QUICK_SHAPES are full names)
                 continue
             for dname in args.dtypes.split(","):
                 dtype = DTYPES[dname]
@@ -299,20 +423,38 @@ def main(argv=None):
                     meta["dispatch"][key] = entry
                     save_dispatch(meta)  # after every shape: a run cut short keeps its measurements
                 for mode in modes:
-                    row = {"shape": spec[0], "spec": list(spec[1:]), "dtype": dname, "mode": mode, "providers": {}}
+                    row = {"shape": spec[0], "spec": list(spec[1:]), "dtype": dname, "mode": mode,
+                           "mode_kind": MODE_KIND[mode], "providers": {}}
                     for p, fwd in fns.items():
                         if isinstance(fwd, str):
                             row["providers"][p] = {"skipped": fwd}
                             continue
                         try:
-                            ms, peak = measure(timed_call(fwd, case, mode, p == "plain"), device, args.quick)
-                            row["providers"][p] = {"ms": ms, "peak_mib": peak}
+                            graphs0 = compiled_graphs()
+                            fn = timed_call(fwd, case, mode, p == "plain")
+                            fn()  # compiles (torch_compile: this mode's graph) happen here, before timing
+                            graphs1 = compiled_graphs()
+                            row["providers"][p] = measure(fn, device, args.quick)
+                            if p == "torch_compile":
+                                # a guard that fails on every call recompiles inside the timed region: say so
+                                row["providers"][p]["compiles_before_timing"] = graphs1 - graphs0
+                                row["providers"][p]["recompiles_while_timed"] = compiled_graphs() - graphs1
+                            if p == "triton":
+                                from wf_kernels import dispatch
+
+                                row["providers"][p]["path"] = dispatch.last_decisions.get(
+                                    "conv2d" if kind == "conv" else "linear")
                         except Exception as exc:  # record, keep going: one failing provider must not end the run
                             row["providers"][p] = {"skipped": f"error: {type(exc).__name__}: {exc}"[:300]}
+                    for p, why in excluded.items():
+                        row["providers"][p] = {"skipped": why}
                     plain = row["providers"]["plain"].get("ms")
+                    plain_graph = row["providers"]["plain"].get("graph_ms")
                     for v in row["providers"].values():
                         if "ms" in v:
                             v["ratio_to_plain"] = v["ms"] / plain if plain else float("nan")
+                        if v.get("graph_ms") is not None and plain_graph:
+                            v["graph_ratio_to_plain"] = v["graph_ms"] / plain_graph
                     results.append(row)
                     print(f"{spec[0]:28s} {dname:5s} {mode:8s} " + "  ".join(
                         f"{p}={v['ms']:.3f}ms({v['ratio_to_plain']:.2f}x)" if "ms" in v else f"{p}=skip"
