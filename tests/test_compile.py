@@ -20,10 +20,11 @@ OPS = torch.ops.wf_kernels
 COMPILE_BACKEND = "inductor" if DEV == "cuda" else "aot_eager"
 
 
-def _gates(nc, c, bias=True):
-    aw = torch.randn(nc, c, device=DEV, requires_grad=True)
-    ab = torch.randn(nc, c, device=DEV, requires_grad=True) if bias else None
-    return aw, ab
+def _sample_gates(b, c, bias=True):
+    """Per-sample gates g [B, C] and gated bias gb [B, C] (fp32), as wf_kernels.gates.sample_gates makes them."""
+    g = torch.rand(b, c, device=DEV, requires_grad=True)
+    gb = torch.randn(b, c, device=DEV, requires_grad=True) if bias else None
+    return g, gb
 
 
 @pytest.mark.parametrize("path", ["gemm", "epilogue"])
@@ -32,11 +33,9 @@ def test_opcheck_linear(path, bias):
     torch.manual_seed(0)
     x = torch.randn(3, 5, 12, device=DEV, requires_grad=True)
     w = torch.randn(20, 12, device=DEV)
-    b = torch.randn(20, device=DEV) if bias else None
-    aw, ab = _gates(4, 20, bias)
-    rows = torch.tensor([0, 3, 0], device=DEV)
+    g, gb = _sample_gates(3, 20, bias)
     for save_z in (True, False):
-        torch.library.opcheck(OPS.linear_fwd.default, (x, w, b, aw, ab, rows, path, save_z))
+        torch.library.opcheck(OPS.linear_fwd.default, (x, w, g, gb, path, save_z, "ieee"))
 
 
 @pytest.mark.parametrize("path", ["implicit_gemm", "epilogue"])
@@ -48,24 +47,26 @@ def test_opcheck_conv2d(path, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     w = torch.randn(5, 3, 3, 3, device=DEV)
-    b = torch.randn(5, device=DEV)
-    aw, ab = _gates(3, 5)
-    rows = torch.tensor([2, 0], device=DEV)
-    torch.library.opcheck(OPS.conv2d_fwd.default, (x, w, b, aw, ab, rows, [2, 1], [1, 1], [1, 1], 1, path, True))
+    g, gb = _sample_gates(2, 5)
+    torch.library.opcheck(OPS.conv2d_fwd.default, (x, w, g, gb, [2, 1], [1, 1], [1, 1], 1, path, True, "ieee"))
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_opcheck_gate_bwd(deterministic):
+def test_opcheck_gate_bwd():
     torch.manual_seed(0)
     go = torch.randn(2, 5, 4, 3, device=DEV).contiguous(memory_format=torch.channels_last)
     z = torch.randn(2, 5, 4, 3, device=DEV).contiguous(memory_format=torch.channels_last)
-    b = torch.randn(5, device=DEV)
-    aw, ab = torch.randn(3, 5, device=DEV), torch.randn(3, 5, device=DEV)
-    rows = torch.tensor([1, 1], device=DEV)
-    # atomics reorder fp32 sums: skip the bitwise-equality (determinism) sub-check only in atomic mode
-    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(OPS.gate_bwd.default, (go, z, b, aw, ab, rows, 1, deterministic, True, True, True),
-                          test_utils=utils)
+    g = torch.rand(2, 5, device=DEV)
+    torch.library.opcheck(OPS.gate_bwd.default, (go, z, g, 1, True, True, True))
+
+
+def test_opcheck_gate_rows():
+    from wf_kernels.gates import segments
+
+    torch.manual_seed(0)
+    alpha = torch.randn(6, 9, device=DEV, requires_grad=True)
+    rows = torch.tensor([5, 0, 5, 2], device=DEV)
+    perm, starts = segments(rows, 6)
+    torch.library.opcheck(OPS.gate_rows.default, (alpha, rows, perm, starts))
 
 
 class _Net(nn.Module):

@@ -133,19 +133,14 @@ def test_default_conv_path_is_epilogue_until_measured():
         del dispatch.TABLE[dispatch.DEVICE_NAME][key]
 
 
-def test_conv_deterministic_mode_reproducible():
+def test_conv_backward_is_bitwise_reproducible():
+    """No atomics anywhere: two backward passes with many samples per class row give identical bits."""
     args = dict(b=6, c_in=3, h=6, w=6, c_out=10, k=3, nc=2, dtype=torch.float32, path="epilogue", padding=1,
                 rows_mode="few", seed=4)
-    _, atomic = check_conv(**args)
-    wf_kernels.set_deterministic(True)
-    try:
-        _, d1 = check_conv(**args)
-        _, d2 = check_conv(**args)
-    finally:
-        wf_kernels.set_deterministic(False)
-    for a, x1, x2 in zip(atomic, d1, d2):
+    _, d1 = check_conv(**args)
+    _, d2 = check_conv(**args)
+    for x1, x2 in zip(d1, d2):
         assert torch.equal(x1, x2)
-        _close(x1, a, torch.float32, "deterministic vs atomic")
 
 
 def test_wfconv2d_layer_with_triton_backend_and_padding_mode():

@@ -6,8 +6,9 @@ with several configs needs ``do_bench``, which fails there ("0 active drivers"),
 fast (interpreter cost grows with programs x loop steps).
 
 Hopper (sm_90: H100/H200) gets larger tiles and more warps / stages than Ampere (sm_80/86); other archs use the Ampere
-list. The elementwise epilogue and backward kernels are not autotuned: their tiles come from ``elementwise_tiles``
-(autotuning a kernel that uses atomics would re-run it and accumulate garbage).
+list. Configs that do not fit the device's shared memory for the operand dtype, or would spill, are pruned per launch
+(``prune_configs``); the autotune key buckets the batch dimension (``m_bucket``). The elementwise epilogue and
+backward kernels are not autotuned: their tiles come from ``elementwise_tiles``.
 """
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ _INTERPRETER = [_cfg(64, 64, 32, 4, 1)]
 # WFNET_AUTOTUNE=0 keeps only the first (generally good) config: GPU test runs skip the tuning compile time.
 AUTOTUNE = os.environ.get("WFNET_AUTOTUNE", "1") != "0"
 
+# Shared memory per block when the device cannot be asked (opt-in maximum): H100/H200 227 KB, A100 163 KB.
+_SMEM_FALLBACK = {9: 232_448, 8: 166_912}
+
 
 def gemm_configs() -> list:
     """Configs for the fused linear GEMM and the implicit-GEMM conv (same tile parameters)."""
@@ -61,6 +65,41 @@ def gemm_configs() -> list:
         return list(_INTERPRETER)
     configs = _HOPPER if CAPABILITY is not None and CAPABILITY[0] >= 9 else _AMPERE
     return list(configs) if AUTOTUNE else [configs[2]]
+
+
+def smem_bytes(config, elem_bytes: int) -> int:
+    """Shared memory one config's pipelined A and B tiles need: (BM*BK + BK*BN) * element size * stages."""
+    k = config.kwargs
+    return (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * elem_bytes * config.num_stages
+
+
+def accumulators_per_thread(config) -> int:
+    """fp32 accumulator registers per thread; above ~128 the kernel spills (255 registers per thread in all)."""
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (config.num_warps * 32)
+
+
+def smem_limit(device) -> int:
+    try:
+        import torch
+
+        return int(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
+    except Exception:  # no driver / older torch: the table for the architecture
+        return _SMEM_FALLBACK.get(CAPABILITY[0] if CAPABILITY else 8, 101_376)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """``early_config_prune``: drop the configs whose tiles do not fit the device's shared memory for this dtype
+    (fp32 128x256x64 with 3 stages needs 288 KB; an H100 has 227 KB per block) or would spill their accumulators.
+    Keeps the smallest config when none fits."""
+    x = named_args["x_ptr"]
+    limit = smem_limit(x.device)
+    fits = [c for c in configs if smem_bytes(c, x.element_size()) <= limit and accumulators_per_thread(c) <= 128]
+    return fits or [min(configs, key=lambda c: smem_bytes(c, x.element_size()))]
+
+
+def m_bucket(m: int) -> int:
+    """The autotune key's batch dimension, bucketed to a power of two (>= 64) so a new batch size does not re-tune."""
+    return max(64, triton.next_power_of_2(max(int(m), 1)))
 
 
 def elementwise_tiles(c: int, p: int, channels_contiguous: bool) -> tuple[int, int]:

@@ -1,11 +1,12 @@
 """Fused filtered conv2d: an implicit-GEMM Triton convolution with the gate epilogue, and the cuDNN + epilogue path.
 
-    out[n] = sigmoid(A_w[r_n])[:, None, None] * conv(x[n], W) + (sigmoid(A_b[r_n]) * b)[:, None, None]
+    out[n] = g[n][:, None, None] * conv(x[n], W) + gb[n][:, None, None]     g = sigmoid(A_w)[rows], gb = sigmoid(A_b)[rows] * b
 
 Implicit GEMM: M = B*H_out*W_out output pixels, N = C_out, K = C_in*kH*kW. Each program builds its [BLOCK_M, BLOCK_K]
 input tile on the fly from x's strides (so NCHW and channels_last both work without a copy; zero padding is a load
 mask), multiplies by the [BLOCK_K, BLOCK_N] weight tile, and applies ``epilogue.gate_tile`` with sample = m // (H_out
-W_out) before the single store. The K order is (kh, kw, c) with c fastest for channels_last inputs (contiguous loads)
+W_out) before the single store. fp32 operands use TF32 only where torch allows it for convolutions
+(``torch.backends.cudnn.allow_tf32``, see ``launch.dot_precision``), as cuDNN does. The K order is (kh, kw, c) with c fastest for channels_last inputs (contiguous loads)
 and (c, kh, kw) for NCHW. groups=1 only; grouped / depthwise convs go to the epilogue path.
 
 Epilogue path: cuDNN ``F.conv2d`` without bias, then ONE fused Triton gate pass (``epilogue.gate_forward``).
@@ -21,21 +22,23 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .autotune import gemm_configs, grouped_tile
+from .autotune import gemm_configs, grouped_tile, m_bucket, prune_configs
 from .epilogue import gate_forward, gate_tile
+from .launch import device_guard
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "C_out", "K_total", "C_INNER"])
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "C_out", "K_total", "C_INNER", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _wf_conv2d_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, aw_ptr, ab_ptr, rows_ptr, out_ptr, z_ptr,
-    C_in, H, W, C_out, H_out, W_out, M, K_total,
+    x_ptr, w_ptr, g_ptr, gb_ptr, out_ptr, z_ptr,
+    C_in, H, W, C_out, H_out, W_out, M, K_total, M_BUCKET, stride_gbn,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wi, stride_wh, stride_ww,
     stride_on, stride_oc, stride_oh, stride_ow,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, C_INNER: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_AB: tl.constexpr, STORE_Z: tl.constexpr,
+    HAS_GB: tl.constexpr, STORE_Z: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, C_out, BLOCK_M, BLOCK_N, GROUP_M)
@@ -73,13 +76,13 @@ def _wf_conv2d_fwd_kernel(
                     mask=a_mask, other=0.0)
         b = tl.load(w_ptr + offs_n[None, :] * stride_wo + c[:, None] * stride_wi + kh[:, None] * stride_wh
                     + kw[:, None] * stride_ww, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc += tl.dot(a, b)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     out_off = (sample * stride_on + oh * stride_oh + ow * stride_ow)[:, None] + offs_n[None, :] * stride_oc
     mask = mask_m[:, None] & mask_n[None, :]
     if STORE_Z:
         tl.store(z_ptr + out_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
-    out = gate_tile(acc, sample, offs_n, mask_m, mask_n, rows_ptr, aw_ptr, ab_ptr, b_ptr, C_out, HAS_BIAS, HAS_AB)
+    out = gate_tile(acc, sample, offs_n, mask_m, mask_n, g_ptr, gb_ptr, C_out, stride_gbn, HAS_GB)
     tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -96,15 +99,14 @@ def out_shape(x_shape, w_shape, stride, padding, dilation):
     return (x_shape[0], w_shape[0], ho, wo)
 
 
-def conv2d_forward(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups, path: str,
-                   save_z: bool):
-    """(out, z or an empty tensor). ``x`` must be NCHW- or channels_last-contiguous; ``path``: "implicit_gemm" or
-    "epilogue"."""
+def conv2d_forward(x, weight, g, gb, stride, padding, dilation, groups, path: str, save_z: bool, precision: str):
+    """(out, z or an empty tensor). ``x`` must be NCHW- or channels_last-contiguous; ``g`` / ``gb``: fp32 [B, C_out]
+    sample gates (gb None without bias); ``path``: "implicit_gemm" or "epilogue"."""
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     empty = x.new_empty(0)
     if path == "epilogue":
         z = F.conv2d(x, weight, None, stride, padding, dilation, groups).contiguous(memory_format=fmt)
-        return gate_forward(z, bias, alpha_weight, alpha_bias, rows, channel_dim=1), (z if save_z else empty)
+        return gate_forward(z, g, gb, channel_dim=1, in_place=not save_z), (z if save_z else empty)
     if path != "implicit_gemm":
         raise ValueError(f"unknown conv path {path!r}; expected 'implicit_gemm' or 'epilogue'")
     if groups != 1:
@@ -120,15 +122,14 @@ def conv2d_forward(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padd
         return out, z
     kh, kw = weight.shape[2], weight.shape[3]
     k_total = c_in * kh * kw
-    aw = alpha_weight.contiguous()
-    ab = alpha_bias.contiguous() if alpha_bias is not None else aw
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731
-    _wf_conv2d_fwd_kernel[grid](
-        x, weight, bias if bias is not None else aw, aw, ab, rows, out, z if save_z else out,
-        c_in, h, w, c_out, ho, wo, m, k_total,
-        *x.stride(), *weight.stride(), *out.stride(),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=kh, KW=kw, C_INNER=fmt == torch.channels_last,
-        HAS_BIAS=bias is not None, HAS_AB=alpha_bias is not None, STORE_Z=save_z,
-    )
+    with device_guard(x):
+        _wf_conv2d_fwd_kernel[grid](
+            x, weight, g, gb if gb is not None else g, out, z if save_z else out,
+            c_in, h, w, c_out, ho, wo, m, k_total, m_bucket(m), gb.stride(0) if gb is not None else 0,
+            *x.stride(), *weight.stride(), *out.stride(),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            KH=kh, KW=kw, C_INNER=fmt == torch.channels_last,
+            HAS_GB=gb is not None, STORE_Z=save_z, INPUT_PRECISION=precision,
+        )
     return out, z

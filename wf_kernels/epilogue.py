@@ -1,14 +1,14 @@
 """The per-sample gate as an epilogue: a ``@triton.jit`` helper for GEMM tiles, and one fused elementwise pass.
 
-    out[n, c, p] = sigmoid(A_w[r_n, c]) * z[n, c, p] + sigmoid(A_b[r_n, c]) * b[c]
+    out[n, c, p] = g[n, c] * z[n, c, p] + gb[n, c]      g = sigmoid(A_w)[rows], gb = sigmoid(A_b)[rows] * b  ([B, C])
 
-``gate_tile`` is inlined into the fused linear GEMM and the implicit-GEMM conv: it gathers the (BLOCK_M x BLOCK_N) gate
-logits of each output row's class row straight from A_w / A_b (tiny, L2-resident), applies them to the fp32
-accumulator and returns the tile to store. ``gate_forward`` is the other design: the plain cuDNN / cuBLAS output ``z``
-followed by ONE Triton pass. It works on any [B, C, P] strided view (NCHW: p contiguous; channels_last and linear
-[B, T, C]: c contiguous), one program per (sample, channel block, position block), so each program loads its sample's
-gate row once. The gate is computed in fp32 and the result rounded once to the activation dtype. Gate logits must be
-contiguous [N_c, C] (the launchers make them so).
+The per-sample gates g / gb are computed once per layer call (``gates.sample_gates``: one sigmoid per sample and
+channel). ``gate_tile`` is inlined into the fused linear GEMM and the implicit-GEMM conv: it loads each output row's
+sample gates (tiny, L2-resident), applies them to the fp32 accumulator and returns the tile to store.
+``gate_forward`` is the other design: the plain cuDNN / cuBLAS output ``z`` followed by ONE Triton pass. It works on
+any [B, C, P] strided view (NCHW: p contiguous; channels_last and linear [B, T, C]: c contiguous), one program per
+(sample, channel block, position block), so each program loads its sample's gate row once; at inference it writes in place over z. The result is computed in fp32 and rounded once to the
+activation dtype. ``g`` must be contiguous [B, C]; ``gb`` may have sample stride 0 (an ungated bias).
 """
 from __future__ import annotations
 
@@ -17,50 +17,40 @@ import triton
 import triton.language as tl
 
 from .autotune import elementwise_tiles
+from .launch import device_guard
 
 
 @triton.jit
-def gate_tile(acc, sample, offs_c, mask_m, mask_c, rows_ptr, aw_ptr, ab_ptr, b_ptr, C,
-              HAS_BIAS: tl.constexpr, HAS_AB: tl.constexpr):
-    """Gate an fp32 tile ``acc`` [BLOCK_M, BLOCK_N]; ``sample`` [BLOCK_M] is each output row's sample index."""
-    row = tl.load(rows_ptr + sample, mask=mask_m, other=0)
+def gate_tile(acc, sample, offs_c, mask_m, mask_c, g_ptr, gb_ptr, C, stride_gbn, HAS_GB: tl.constexpr):
+    """Gate an fp32 tile ``acc`` [BLOCK_M, BLOCK_N]; ``sample`` [BLOCK_M] is each output row's sample index.
+    ``g`` is [B, C] contiguous, ``gb`` [B, C] with sample stride ``stride_gbn`` (0 for a bias shared by all)."""
     mask = mask_m[:, None] & mask_c[None, :]
-    goff = row[:, None] * C + offs_c[None, :]
-    a = tl.load(aw_ptr + goff, mask=mask, other=0.0).to(tl.float32)
-    out = acc * tl.sigmoid(a)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        if HAS_AB:
-            ab = tl.load(ab_ptr + goff, mask=mask, other=0.0).to(tl.float32)
-            out += tl.sigmoid(ab) * b[None, :]
-        else:
-            out += b[None, :]
+    g = tl.load(g_ptr + sample[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+    out = acc * g
+    if HAS_GB:
+        out += tl.load(gb_ptr + sample[:, None] * stride_gbn + offs_c[None, :], mask=mask, other=0.0)
     return out
 
 
 @triton.jit
 def _gate_fwd_kernel(
-    z_ptr, out_ptr, rows_ptr, aw_ptr, ab_ptr, b_ptr,
-    C, P,
+    z_ptr, out_ptr, g_ptr, gb_ptr,
+    C, P, stride_gbn,
     stride_zn, stride_zc, stride_zp,  # z viewed as [B, C, P]
-    stride_on, stride_oc, stride_op,  # out, same view
-    HAS_BIAS: tl.constexpr, HAS_AB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    stride_on, stride_oc, stride_op,  # out, same view (may be z itself: in place)
+    HAS_GB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     n = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_c = offs_c < C
     mask = mask_c[:, None] & (offs_p < P)[None, :]
-    row = tl.load(rows_ptr + n)
-    g = tl.sigmoid(tl.load(aw_ptr + row * C + offs_c, mask=mask_c, other=0.0).to(tl.float32))
+    g = tl.load(g_ptr + n * C + offs_c, mask=mask_c, other=0.0)
     z = tl.load(z_ptr + n * stride_zn + offs_c[:, None] * stride_zc + offs_p[None, :] * stride_zp, mask=mask,
                 other=0.0).to(tl.float32)
     out = z * g[:, None]
-    if HAS_BIAS:
-        b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        if HAS_AB:
-            b = b * tl.sigmoid(tl.load(ab_ptr + row * C + offs_c, mask=mask_c, other=0.0).to(tl.float32))
-        out += b[:, None]
+    if HAS_GB:
+        out += tl.load(gb_ptr + n * stride_gbn + offs_c, mask=mask_c, other=0.0)[:, None]
     tl.store(out_ptr + n * stride_on + offs_c[:, None] * stride_oc + offs_p[None, :] * stride_op,
              out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -73,20 +63,20 @@ def as_bcp(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1]).transpose(1, 2)
 
 
-def gate_forward(z: torch.Tensor, bias, alpha_weight, alpha_bias, rows, channel_dim: int) -> torch.Tensor:
-    """out = gate(z) in one pass; ``out`` has z's shape, strides and dtype."""
-    out = torch.empty_like(z)
+def gate_forward(z: torch.Tensor, g: torch.Tensor, gb, channel_dim: int, in_place: bool = False) -> torch.Tensor:
+    """out = z * g + gb in one pass (``g``, ``gb``: fp32 [B, C]); ``out`` has z's shape, strides and dtype. With
+    ``in_place`` z itself is overwritten and returned (inference: z is a fresh conv / matmul output)."""
+    out = z if in_place else torch.empty_like(z)
     if z.numel() == 0:
         return out
     z3, o3 = as_bcp(z, channel_dim), as_bcp(out, channel_dim)
     b, c, p = z3.shape
     bc, bp = elementwise_tiles(c, p, channels_contiguous=z3.stride(1) == 1 and c > 1)
     grid = (b, triton.cdiv(c, bc), triton.cdiv(p, bp))
-    aw = alpha_weight.contiguous()
-    ab = alpha_bias.contiguous() if alpha_bias is not None else aw
-    _gate_fwd_kernel[grid](
-        z3, o3, rows, aw, ab, bias if bias is not None else aw,
-        c, p, *z3.stride(), *o3.stride(),
-        HAS_BIAS=bias is not None, HAS_AB=alpha_bias is not None, BLOCK_C=bc, BLOCK_P=bp,
-    )
+    with device_guard(z):
+        _gate_fwd_kernel[grid](
+            z3, o3, g, gb if gb is not None else g, c, p, gb.stride(0) if gb is not None else 0,
+            *z3.stride(), *o3.stride(),
+            HAS_GB=gb is not None, BLOCK_C=bc, BLOCK_P=bp,
+        )
     return out

@@ -1,11 +1,11 @@
 """Fused filtered linear (the ViT qkv projection): a tiled Triton GEMM with the per-sample gate as its epilogue.
 
-    out[m, :] = sigmoid(A_w[r_{m // T}]) * (x[m, :] @ W^T) + sigmoid(A_b[r_{m // T}]) * b      (T tokens per sample)
+    out[m, :] = g[m // T] * (x[m, :] @ W^T) + gb[m // T]      (T tokens per sample; g, gb: fp32 [B, N])
 
-x is flattened to [M = B*T, K]; each output tile gathers its rows' class rows (token -> sample -> row) inside the
-epilogue (``epilogue.gate_tile``), so the gate costs one gathered [BLOCK_M, BLOCK_N] load of the small logit matrices
-and the output is stored once. Accumulation is fp32 (TF32 dots for fp32 inputs on GPUs, as cuBLAS with TF32), output
-in the input dtype. When the gate logits need a gradient the bias-free product z is stored as a second output (what
+x is flattened to [M = B*T, K]; each output tile loads its rows' sample gates (token -> sample) inside the epilogue
+(``epilogue.gate_tile``), so the gate costs one [BLOCK_M, BLOCK_N] load of the small per-sample gate matrix and the
+output is stored once. Accumulation is fp32; fp32 operands use TF32 only where torch allows it for matmuls
+(``launch.dot_precision``), so the result matches cuBLAS under the same flags. Output in the input dtype. When the gate logits need a gradient the bias-free product z is stored as a second output (what
 autograd would save; the backward needs sum grad_out * z).
 
 The other path, "epilogue" (cuBLAS matmul, then ``epilogue.gate_forward``), is used where the fused GEMM cannot run
@@ -18,17 +18,19 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .autotune import gemm_configs, grouped_tile
+from .autotune import gemm_configs, grouped_tile, m_bucket, prune_configs
 from .epilogue import gate_forward, gate_tile
+from .launch import device_guard
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _wf_linear_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, aw_ptr, ab_ptr, rows_ptr, out_ptr, z_ptr,
-    M, N, K, T,  # x: [M, K], W: [N, K], out/z: [M, N]; T tokens per sample
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, HAS_AB: tl.constexpr, STORE_Z: tl.constexpr,
+    x_ptr, w_ptr, g_ptr, gb_ptr, out_ptr, z_ptr,
+    M, N, K, T, M_BUCKET,  # x: [M, K], W: [N, K], out/z: [M, N]; T tokens per sample; M_BUCKET: autotune key only
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, stride_gbn,
+    HAS_GB: tl.constexpr, STORE_Z: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -46,24 +48,25 @@ def _wf_linear_fwd_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(w_ptr + offs_n[None, :] * stride_wn + kk[:, None] * stride_wk,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc += tl.dot(a, b)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     out_off = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     mask = mask_m[:, None] & mask_n[None, :]
     if STORE_Z:
         tl.store(z_ptr + out_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
-    out = gate_tile(acc, offs_m // T, offs_n, mask_m, mask_n, rows_ptr, aw_ptr, ab_ptr, b_ptr, N, HAS_BIAS, HAS_AB)
+    out = gate_tile(acc, offs_m // T, offs_n, mask_m, mask_n, g_ptr, gb_ptr, N, stride_gbn, HAS_GB)
     tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def linear_forward(x3, weight, bias, alpha_weight, alpha_bias, rows, path: str, save_z: bool):
-    """x3: [B, T, K] -> (out [B, T, N], z [B, T, N] or an empty tensor). ``path``: "gemm" or "epilogue"."""
+def linear_forward(x3, weight, g, gb, path: str, save_z: bool, precision: str):
+    """x3: [B, T, K] -> (out [B, T, N], z [B, T, N] or an empty tensor). ``g`` / ``gb``: fp32 [B, N] sample gates
+    (gb None without bias). ``path``: "gemm" or "epilogue"; ``precision``: ``tl.dot``'s fp32 input precision."""
     b, t, k = x3.shape
     n = weight.shape[0]
     empty = x3.new_empty(0)
     if path == "epilogue":
         z = F.linear(x3, weight)
-        return gate_forward(z, bias, alpha_weight, alpha_bias, rows, channel_dim=-1), (z if save_z else empty)
+        return gate_forward(z, g, gb, channel_dim=-1, in_place=not save_z), (z if save_z else empty)
     if path != "gemm":
         raise ValueError(f"unknown linear path {path!r}; expected 'gemm' or 'epilogue'")
     out = x3.new_empty(b, t, n)
@@ -73,14 +76,14 @@ def linear_forward(x3, weight, bias, alpha_weight, alpha_bias, rows, path: str, 
         return out, z
     if k == 0:  # empty reduction: z = 0, out = gated bias
         z0 = x3.new_zeros(b, t, n)
-        return gate_forward(z0, bias, alpha_weight, alpha_bias, rows, -1), (z0 if save_z else empty)
+        return gate_forward(z0, g, gb, -1), (z0 if save_z else empty)
     x2 = x3.reshape(m, k)
-    aw = alpha_weight.contiguous()
-    ab = alpha_bias.contiguous() if alpha_bias is not None else aw
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _wf_linear_fwd_kernel[grid](
-        x2, weight, bias if bias is not None else aw, aw, ab, rows, out, z if save_z else out,
-        m, n, k, t, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), n, 1,
-        HAS_BIAS=bias is not None, HAS_AB=alpha_bias is not None, STORE_Z=save_z,
-    )
+    with device_guard(x3):
+        _wf_linear_fwd_kernel[grid](
+            x2, weight, g, gb if gb is not None else g, out, z if save_z else out,
+            m, n, k, t, m_bucket(m), x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), n, 1,
+            gb.stride(0) if gb is not None else 0,
+            HAS_GB=gb is not None, STORE_Z=save_z, INPUT_PRECISION=precision,
+        )
     return out, z

@@ -59,10 +59,11 @@ class TritonBackend:
         return reasons
 
     def conv2d(self, x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups):
-        return _kops.wf_conv2d(x, weight, bias, alpha_weight, alpha_bias, rows.index, stride, padding, dilation, groups)
+        return _kops.wf_conv2d(x, weight, bias, alpha_weight, alpha_bias, rows.index, stride, padding, dilation, groups,
+                               segments=rows.segments)
 
     def linear(self, x, weight, bias, alpha_weight, alpha_bias, rows):
-        return _kops.wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows.index)
+        return _kops.wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows.index, segments=rows.segments)
 
 
 BACKEND = TritonBackend()
