@@ -1,6 +1,5 @@
-"""The `wfnet` command on tiny data: help, train -> untrain -> baselines, config files, clear errors."""
+"""The `wfnet` command on tiny data: help, train -> untrain -> baselines, config files, one-line errors."""
 import json
-import os
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 from wfnet.cli import main
-from wfnet.experiment import Run
+from wfnet import Run
 
 TINY = ["--image-size", "8", "--epochs", "2", "--no-progress"]
 
@@ -19,10 +18,40 @@ def run_cli(*argv):
 
 @pytest.mark.parametrize("cmd", [[], ["train"], ["untrain"], ["baselines"], ["evaluate"], ["explain"], ["demo"]])
 def test_help(cmd, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(cmd + ["--help"])
-    assert exc.value.code == 0
-    assert "usage: wfnet" in capsys.readouterr().out
+    assert main(cmd + ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: wfnet" in out and "``" not in out
+    # every option has a help line that shows its default; no internal names leak into the metavars
+    options = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
+    assert "U_" not in out
+    for opt in options:
+        if opt not in ("--help", "--version"):
+            block = out[out.index("  " + opt):].split("\n  --")[0]
+            assert "default" in block or "required" in block, opt
+
+
+def test_untrain_help_lists_each_option_once_with_recipe_defaults(capsys):
+    assert main(["untrain", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  --lr LR") == 1 and out.count("  --batch-size BATCH_SIZE") == 1
+    assert "(default: tuned 0.1, paper 100.0)" in " ".join(out.split())
+
+
+def test_help_imports_nothing_heavy():
+    """The CLI's own share of `wfnet --help`: building every parser and formatting the help imports none of the
+    modules that do the work (they are imported inside the commands), and takes well under a second."""
+    code = ("import sys, time; import wfnet; before = set(sys.modules); t = time.perf_counter(); "
+            "from wfnet.cli import build_parser; p = build_parser(); p.format_help(); "
+            "[a.format_help() for a in p._subparsers._group_actions[0].choices.values()]; "
+            "print(time.perf_counter() - t); print(sorted(set(sys.modules) - before))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    seconds, new = out.stdout.splitlines()
+    heavy = [m for m in eval(new) if m.split(".")[0] in ("torchvision", "timm", "sklearn", "matplotlib", "yaml",
+                                                         "safetensors", "tqdm") or m in (
+        "wfnet.untrain", "wfnet.train", "wfnet.metrics", "wfnet.data", "wfnet.models", "wfnet.evaluate")]
+    assert heavy == []
+    assert float(seconds) < 0.5
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +65,8 @@ def test_train_writes_a_run(trained_run):
     cfg = json.loads((trained_run / "config.json").read_text())
     assert cfg["model"] == "small_cnn" and cfg["dataset"] == "digits" and cfg["num_classes"] == 10
     assert cfg["image_size"] == 8 and cfg["train"]["epochs"] == 2
-    assert 0 <= cfg["original_test_acc"] <= 100
-    run = Run(trained_run)
+    run = Run.open(trained_run)
+    assert 0 <= run.original_info()["test_acc"] <= 100
     m = run.original_model()
     assert m(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     # a second train into the same folder with the same options does nothing
@@ -50,21 +79,23 @@ def test_untrain_and_baselines(trained_run, tmp_path, capsys):
     assert run_cli("untrain", trained_run, "--config", cfg_file, "--chi", "3", "--no-progress") == 0
     out = capsys.readouterr().out
     assert "| WF-Net (tuned recipe" in out
-    cfg = json.loads((trained_run / "config.json").read_text())
+    opts = Run.open(trained_run).untrain_options()
     # the file's values are used, the flag overrides the file
-    assert cfg["untrain"]["lr"] == 0.2 and cfg["untrain"]["chi"] == 3 and cfg["untrain"]["max_epochs"] == 1
+    assert opts["lr"] == 0.2 and opts["chi"] == 3 and opts["max_epochs"] == 1 and opts["val_per_epoch"] == 2
     res = json.loads((trained_run / "results.json").read_text())
+    assert res["untrain"] == opts
     assert set(res["wf_net"]["per_class"]) == {str(c) for c in range(10)}
     assert (trained_run / "results.md").exists() and (trained_run / "filters.safetensors").exists()
-    wf = Run(trained_run).wf_model()
+    wf = Run.open(trained_run).wrapped()
     assert any(not torch.equal(p, torch.full_like(p, 3.0)) for p in wf.filter_parameters())
     # other options on the same run need --force
     assert run_cli("untrain", trained_run, "--lr", "0.3", "--max-epochs", "1", "--no-progress") == 2
-    assert "--force" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--force" in err and "lr: 0.2 -> 0.3" in err and "chi: 3 -> 3" not in err and "chi: 3 -> None" not in err
 
     assert run_cli("baselines", trained_run, "--methods", "random-labels,negative-gradients", "--classes", "0,3",
                    "--no-progress") == 0
-    run = Run(trained_run)
+    run = Run.open(trained_run)
     assert run.baseline_methods() == ["random-labels", "negative-gradients"]
     assert run.baseline_classes("random-labels") == [0, 3]
     summary = json.loads((trained_run / "baselines" / "random-labels" / "summary.json").read_text())
@@ -76,8 +107,8 @@ def test_retrain_baseline_excludes_the_class(tmp_path):
     out = tmp_path / "r"
     assert run_cli("train", "--out", out, *TINY) == 0
     assert run_cli("baselines", out, "--methods", "retrain", "--classes", "1", "--no-progress") == 0
-    m = Run(out).baseline_model("retrain", 1)
-    x = Run(out).data.test.tensors[0]
+    m = Run.open(out).baseline_model("retrain", 1)
+    x = Run.open(out).data.test.tensors[0]
     assert (m(x).argmax(1) == 1).float().mean() < 0.05  # never trained on class 1
 
 
@@ -85,17 +116,23 @@ def test_errors_are_clear(tmp_path, capsys, trained_run):
     assert run_cli("train", "--out", tmp_path / "a", "--model", "no_such_net", *TINY) == 2
     assert "unknown model 'no_such_net'" in capsys.readouterr().err
     assert run_cli("train", "--out", tmp_path / "b", "--dataset", "nosuchdata", *TINY) == 2
-    assert "unknown dataset 'nosuchdata'" in capsys.readouterr().err
+    assert "invalid choice: 'nosuchdata'" in capsys.readouterr().err
     assert run_cli("train", "--out", tmp_path / "c", "--dataset", "mnist", "--data-root", tmp_path / "missing",
                    *TINY) == 2
     assert "does not exist" in capsys.readouterr().err
     # a folder that holds a different run
-    assert run_cli("train", "--out", trained_run, "--model", "resnet18", *TINY) == 2
-    assert "already holds a different run" in capsys.readouterr().err
+    assert run_cli("train", "--out", trained_run, "--model", "resnet18", "--lr", "0.1", *TINY) == 2
+    err = capsys.readouterr().err
+    assert "already holds a different run" in err and "model: 'small_cnn' -> 'resnet18'" in err \
+        and "train.lr: 0.05 -> 0.1" in err
     assert run_cli("untrain", tmp_path / "nothing", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wfnet: error: run folder") and "does not exist" in err and len(err.splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    assert run_cli("untrain", tmp_path / "empty", "--no-progress") == 2
     assert "not a wfnet run folder" in capsys.readouterr().err
     assert run_cli("baselines", trained_run, "--methods", "magic", "--no-progress") == 2
-    assert "unknown baseline" in capsys.readouterr().err
+    assert "unknown value(s) ['magic']" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 3\n")
     assert run_cli("untrain", trained_run, "--config", bad) == 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wfnet.cli import main
-from wfnet.experiment import Run
+from wfnet import Run
 
 
 def test_two_processes_match_one(tmp_path):
@@ -27,8 +27,8 @@ def test_two_processes_match_one(tmp_path):
                          "-m", "wfnet", "untrain", str(two), *opts], env=env, capture_output=True, text=True,
                         timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    g1 = dict(Run(one).wf_model().named_filter_parameters())
-    g2 = dict(Run(two).wf_model().named_filter_parameters())
+    g1 = dict(Run.open(one).wrapped().named_filter_parameters())
+    g2 = dict(Run.open(two).wrapped().named_filter_parameters())
     assert g1.keys() == g2.keys()
     moved = False
     for k in g1:

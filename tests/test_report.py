@@ -13,7 +13,8 @@ from torch.utils.data import TensorDataset
 import wfnet
 from wfnet import metrics as M
 from wfnet import paper
-from wfnet.report import evaluate_run, explain_run
+from wfnet.evaluate import evaluate_run
+from wfnet.explain import explain_run
 
 K = 3
 
@@ -56,7 +57,7 @@ def _trained_state():
 
 
 class FakeRun:
-    """The Run protocol of wfnet.experiment, with call counters to observe caching."""
+    """The Run protocol of wfnet.Run, with call counters to observe caching."""
 
     def __init__(self, run_dir, dataset="blobs", model="tinycnn"):
         self.run_dir = Path(run_dir)
@@ -66,7 +67,7 @@ class FakeRun:
         self.device = torch.device("cpu")
         self.data = SimpleNamespace(train=_blobs(30, 0), val=_blobs(5, 1), test=_blobs(10, 2), num_classes=K,
                                     class_names=self.class_names)
-        self.calls = {"wf_model": 0, "baseline_model": 0, "build_model": 0, "original_model": 0}
+        self.calls = {"wrapped": 0, "baseline_model": 0, "build_model": 0, "original_model": 0}
         self._original = _trained_state()
         g = torch.Generator().manual_seed(5)
         wf = wfnet.wrap(_fresh(0), K)
@@ -85,8 +86,11 @@ class FakeRun:
         m.load_state_dict(self._original)
         return m.eval()
 
-    def wf_model(self):
-        self.calls["wf_model"] += 1
+    def model_stamp(self, method, c=None):
+        return "fake"
+
+    def wrapped(self):
+        self.calls["wrapped"] += 1
         wf = wfnet.wrap(self.original_model(), K)
         with torch.no_grad():
             for n, p in wf.named_filter_parameters():
@@ -141,7 +145,7 @@ def test_evaluate_run_writes_tables(evaluated):
 
 def test_evaluate_run_matches_the_metric_functions(evaluated):
     run, tables = evaluated
-    wf = run.wf_model()
+    wf = run.wrapped()
     loader = torch.utils.data.DataLoader(run.data.test, batch_size=50)
     direct = M.accuracy_forget_retain(lambda c: (lambda x: wf(x, forget=c)), loader, range(K))
     row = next(r for r in tables["table1"]["rows"] if r["method"] == "wfnet")
@@ -208,7 +212,7 @@ def test_explain_run_writes_figures_and_report(evaluated):
     for name in names:
         assert f"]({name})" in report
     assert out["report"] == exp / "report.md"
-    assert run.calls["wf_model"] == calls["wf_model"] + 1  # the insertion/deletion curves came from the cache
+    assert run.calls["wrapped"] == calls["wrapped"] + 1  # the insertion/deletion curves came from the cache
     stamp = (exp / "gates_heatmap.png").stat().st_mtime_ns
     explain_run(run, insdel_steps=5, progress=False)
     assert (exp / "gates_heatmap.png").stat().st_mtime_ns == stamp

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -22,20 +21,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from .config import BASELINE_METHODS as METHODS
+from .config import BaselineConfig, TrainConfig
 from .data import labels_of
-from .train import TrainConfig, accuracy, train_classifier
+from .metrics import accuracy
+from .train import train_classifier
 
 __all__ = ["BaselineConfig", "unlearn_baseline", "METHODS"]
-
-METHODS = ("retrain", "random-labels", "negative-gradients")
-
-
-@dataclass
-class BaselineConfig:
-    epochs: int = 1
-    lr: float = 0.01
-    batch_size: int = 128
-    seed: int = 0
 
 
 def _random_labels(original, train_ds, c, num_classes, cfg, device, progress):

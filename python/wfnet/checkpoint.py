@@ -12,9 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .serialization import atomic_write
+from .files import atomic_write
 
-__all__ = ["save_state", "load_state", "save_model", "load_model_weights", "optimizer_to_flat", "optimizer_from_flat"]
+__all__ = ["save_state", "load_state", "read_state_meta", "save_model", "load_model_weights", "optimizer_to_flat",
+           "optimizer_from_flat"]
 
 
 def save_state(path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
@@ -31,6 +32,12 @@ def load_state(path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
         meta = json.loads((f.metadata() or {}).get("wfnet_state", "{}"))
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, meta
+
+
+def read_state_meta(path) -> dict:
+    """The JSON metadata of a checkpoint, without reading its tensors (the header only)."""
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("wfnet_state", "{}"))
 
 
 def save_model(model: torch.nn.Module, path, meta: dict | None = None) -> None:

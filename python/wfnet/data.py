@@ -16,16 +16,17 @@ Small datasets (digits, MNIST, CIFAR-10 without augmentation) are held as tensor
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .config import DATASET_NAMES
+
 __all__ = ["DataBundle", "load_dataset", "DATASET_NAMES", "default_image_size", "labels_of"]
 
-DATASET_NAMES = ("digits", "mnist", "cifar10", "imagenet", "imagefolder")
 _NATIVE = {"digits": (1, 28), "mnist": (1, 28), "cifar10": (3, 32), "imagenet": (3, 224), "imagefolder": (3, 224)}
 _MNIST_STATS = (0.1307, 0.3081)
 _CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -42,11 +43,6 @@ class DataBundle:
     class_names: list[str]
     in_chans: int
     image_size: int
-    train_full: Dataset = field(default=None)  # train + val, e.g. for relearn-time sampling
-
-    def __post_init__(self):
-        if self.train_full is None:
-            self.train_full = self.train
 
 
 def default_image_size(name: str) -> int:
@@ -54,15 +50,20 @@ def default_image_size(name: str) -> int:
 
 
 def labels_of(ds: Dataset) -> torch.Tensor:
-    """All labels of a dataset as an int64 tensor, without loading images where the dataset allows it."""
+    """All labels [N] (int64, CPU) of a dataset of (input, label) pairs, without loading inputs where the dataset
+    allows it (tensor datasets, ``targets`` / ``labels`` attributes, subsets of those). The one labels helper."""
     if isinstance(ds, Subset):
-        return labels_of(ds.dataset)[torch.as_tensor(ds.indices, dtype=torch.long)]
-    if isinstance(ds, TensorDataset):
-        return ds.tensors[1].long()
+        return labels_of(ds.dataset)[torch.as_tensor(list(ds.indices), dtype=torch.long)]
+    if isinstance(ds, TensorDataset) and len(ds.tensors) >= 2:
+        return ds.tensors[1].reshape(-1).long().cpu()
     for attr in ("targets", "labels"):
-        if hasattr(ds, attr):
-            return torch.as_tensor(getattr(ds, attr), dtype=torch.long)
-    return torch.tensor([int(ds[i][1]) for i in range(len(ds))], dtype=torch.long)
+        values = getattr(ds, attr, None)
+        if values is not None and len(values) == len(ds):
+            return torch.as_tensor(values).reshape(-1).long()
+    from torch.utils.data import DataLoader  # generic datasets: one batched pass (inputs are loaded and dropped)
+
+    labels = [torch.as_tensor(b[1]).reshape(-1).long() for b in DataLoader(ds, batch_size=1024)]
+    return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
 
 
 def _split(ds: Dataset, val_fraction: float, seed: int):
@@ -196,14 +197,13 @@ def load_dataset(name: str = "digits", root=None, image_size: int | None = None,
                                                5 if name == "imagenet" else None, seed)
     train = _limit(train, train_limit, seed)
     test = _limit(test, test_limit, seed + 1)
-    full = train
     train, val = _split(train, val_fraction, seed)
     if exclude_class is not None:
         if not 0 <= exclude_class < len(classes):
             raise ValueError(f"exclude_class {exclude_class} is out of range: num_classes={len(classes)}")
         train = _without(train, exclude_class)
         val = _without(val, exclude_class)
-    return DataBundle(name, train, val, test, len(classes), classes, chans, image_size, train_full=full)
+    return DataBundle(name, train, val, test, len(classes), classes, chans, image_size)
 
 
 def _limit(ds: Dataset, n: int | None, seed: int) -> Dataset:

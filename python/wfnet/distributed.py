@@ -49,11 +49,6 @@ def resolve_device(device: str | None, info: DistInfo | None = None) -> torch.de
     return dev
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
-
-
 def shard(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """This rank's contiguous slice of a global batch (sizes differ by at most one)."""
     if not info.enabled:

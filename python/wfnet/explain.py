@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .serialization import atomic_write
+from .files import atomic_write, write_text
 
-__all__ = ["relevance", "filter_map_data", "plot_filter_map", "plot_gate_heatmaps", "plot_insertion_deletion"]
+__all__ = ["relevance", "filter_map_data", "plot_filter_map", "plot_gate_heatmaps", "plot_insertion_deletion",
+           "explain_run"]
 
 
 def relevance(alpha_weight: torch.Tensor) -> torch.Tensor:
@@ -171,3 +174,87 @@ def plot_insertion_deletion(per_class: dict[int, dict], class_names: Sequence[st
         ax.legend(fontsize=7, ncol=2 if len(per_class) > 5 else 1)
     fig.tight_layout()
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run level: what `wfnet explain` (wfnet.Run.explain) writes
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"
+
+
+def explain_run(run, layers: Sequence[str] | None = None, force: bool = False, *, top_k: int = 10,
+                min_classes: int = 2, max_classes: int = 20, insdel_steps: int | Sequence[float] = 21,
+                batch_size: int = 256, num_workers: int = 0, progress: bool = True) -> dict:
+    """Write the explanation figures of a run under ``run_dir/explain/`` and a ``report.md`` linking them.
+
+    * ``gates_heatmap.png``: sigmoid(alpha_weight) of every filtered layer (classes x channels);
+    * ``filter_map_<layer>.png`` for each of ``layers`` (default: the middle and the last filtered layer): the
+      paper's Figures 3/4 (top-``top_k`` channels per class, channels shared by >= ``min_classes`` classes), over
+      the first ``max_classes`` classes when there are more;
+    * ``insertion_deletion.png``: the insertion / deletion curves per class and their mean (taken from, or
+      computed into, the evaluation cache ``run_dir/eval/insdel_wfnet.json``).
+
+    Existing figures are kept unless ``force``. Returns ``{"report": path, "figures": {name: path}}``.
+    """
+    from .evaluate import _Evaluator
+    from .report import fmt as _fmt
+    from .report import mean as _mean
+
+    out = Path(run.run_dir) / "explain"
+    wf = run.wrapped()
+    names = list(wf.layer_names)
+    if layers is None:
+        layers = list(dict.fromkeys([names[(len(names) - 1) // 2], names[-1]]))
+    unknown = [l for l in layers if l not in names]
+    if unknown:
+        raise ValueError(f"layers {unknown} are not filtered layers of this model; it has {names}")
+    alphas = {n: layer.alpha_weight.detach() for n, layer in wf.filtered_layers().items()}
+    class_names = list(run.class_names)
+    shown_classes = list(range(min(run.num_classes, max_classes)))
+    figures, notes = {}, {}
+
+    path = out / "gates_heatmap.png"
+    if force or not path.exists():
+        plot_gate_heatmaps(alphas, class_names, path)
+    figures["gates_heatmap"] = path
+
+    for layer in layers:
+        path = out / f"filter_map_{_safe(layer)}.png"
+        data = None
+        if force or not path.exists():
+            data = plot_filter_map(alphas[layer], class_names, path, layer, top_k, min_classes, shown_classes)
+        else:
+            data = filter_map_data(alphas[layer], top_k, min_classes, shown_classes)
+        figures[f"filter_map {layer}"] = path
+        notes[layer] = len(data["channels"])
+
+    path = out / "insertion_deletion.png"
+    ev = _Evaluator(run, force=False, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                    zrf_seed=None, rt={}, insdel_steps=insdel_steps)
+    ev._wf = wf
+    curves = ev.insdel(list(range(run.num_classes)))
+    if force or not path.exists():
+        plot_insertion_deletion(curves, class_names, path)
+    figures["insertion_deletion"] = path
+
+    ins = _mean(v["insertion"]["auc"] for v in curves.values())
+    dele = _mean(v["deletion"]["auc"] for v in curves.values())
+    lines = [f"# Explanations: {run.config.get('dataset', '?')} / {run.config.get('model', '?')}", "",
+             f"Run `{run.run_dir}`, {run.num_classes} classes, {len(names)} filtered layers. Relevance of channel j "
+             "for class c = 1 - sigmoid(alpha_weight[c, j]).", "",
+             "## Gates per layer", "", "![gates](gates_heatmap.png)", "",
+             "sigmoid(alpha_weight) of every filtered layer: one row per forgotten class, one column per channel; "
+             "dark cells are the channels closed to forget that class.", "", "## Filter maps (paper's Figures 3/4)", ""]
+    for layer in layers:
+        fname = f"filter_map_{_safe(layer)}.png"
+        lines += [f"### {layer}", "", f"![filter map {layer}]({fname})", "",
+                  f"Top-{top_k} channels per class (of classes {shown_classes[0]}..{shown_classes[-1]}); "
+                  f"{notes[layer]} channels are in the top-{top_k} of at least {min_classes} classes.", ""]
+    lines += ["## Insertion / deletion", "", "![insertion and deletion](insertion_deletion.png)", "",
+              f"Mean insertion AUC {_fmt(ins, 3)} (higher is better), mean deletion AUC {_fmt(dele, 3)} "
+              "(lower is better); see `../eval/table2.md` for the definition."]
+    report = out / "report.md"
+    write_text(report, "\n".join(lines) + "\n")
+    return {"report": report, "figures": figures}

@@ -38,14 +38,15 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from .data import labels_of
 from .model import WFModel
 
 __all__ = [
-    "Forward", "predict", "dataset_labels", "class_subset", "forget_retain_from_predictions",
+    "Forward", "predict", "accuracy", "dataset_labels", "class_subset", "forget_retain_from_predictions",
     "accuracy_forget_retain", "accuracy_forget_retain_shared", "js_divergence", "zrf", "zrf_bad_teaching",
-    "zrf_score", "zrf_bad_teaching_score", "bad_teaching_from_logits", "RelearnResult", "relearn_time",
+    "zrf_from_logits", "zrf_score", "zrf_bad_teaching_score", "bad_teaching_from_logits", "RelearnResult", "relearn_time",
     "summarize_relearn",
     "channel_ranking", "gate_steps", "gate_curve", "insertion_deletion", "GATE_OPEN", "GATE_CLOSED",
 ]
@@ -97,18 +98,7 @@ def predict(forward: Forward, loader: Iterable, device=None) -> tuple[torch.Tens
     return torch.cat(logits), torch.cat(labels)
 
 
-def dataset_labels(dataset: Dataset) -> torch.Tensor:
-    """Labels [N] (int64) of a dataset of (input, label) pairs, read from ``targets`` / tensors when available."""
-    if isinstance(dataset, Subset):
-        return dataset_labels(dataset.dataset)[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
-        return dataset.tensors[1].reshape(-1).long().cpu()
-    targets = getattr(dataset, "targets", None)
-    if targets is not None and len(targets) == len(dataset):
-        return torch.as_tensor(targets).reshape(-1).long()
-    # Generic datasets: one batched pass (inputs are loaded and dropped).
-    labels = [_split_batch(b)[1].reshape(-1).long() for b in DataLoader(dataset, batch_size=1024)]
-    return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+dataset_labels = labels_of  # the one labels helper lives in wfnet.data
 
 
 def class_subset(dataset: Dataset, c: int, labels: torch.Tensor | None = None) -> Subset:
@@ -118,6 +108,19 @@ def class_subset(dataset: Dataset, c: int, labels: torch.Tensor | None = None) -
     if not idx:
         raise ValueError(f"the dataset has no sample of class {c}")
     return Subset(dataset, idx)
+
+
+@torch.no_grad()
+def accuracy(forward: Forward, loader: Iterable, device=None) -> float:
+    """Top-1 accuracy (%) of ``forward(x) -> logits`` over ``loader`` (the predictions are compared on the device;
+    only the counts come back)."""
+    device = _resolve_device(forward, device)
+    correct = total = 0
+    for batch in loader:
+        x, y = _split_batch(batch)
+        correct += int((forward(x.to(device, non_blocking=True)).argmax(1) == y.to(device)).sum())
+        total += y.numel()
+    return 100.0 * correct / max(total, 1)
 
 
 @contextlib.contextmanager
@@ -243,6 +246,12 @@ def _bad_teaching_from_logs(p, q, log_p, log_q) -> float:
     return float(1.0 - (0.5 * kl_div_mean(log_p) + 0.5 * kl_div_mean(log_q)))
 
 
+def zrf_from_logits(logits: torch.Tensor, rlogits: torch.Tensor) -> float:
+    """:func:`zrf` of the model's logits against the random network's on the same samples (softmax in float64):
+    the one place ZRF is computed from model outputs (the evaluator and :func:`zrf_score` both call it)."""
+    return zrf(torch.softmax(logits.double(), -1), torch.softmax(rlogits.double(), -1))
+
+
 def _zrf_probs(forward, random_forward, loader, device):
     logits, _ = predict(forward, loader, device)
     rlogits, _ = predict(random_forward, loader, _resolve_device(random_forward, device))
@@ -256,7 +265,7 @@ def zrf_score(forward: Forward, random_forward: Forward, loader: Iterable, devic
     ``run.build_model(seed=fixed)``). Higher is better.
     """
     logits, rlogits = _zrf_probs(forward, random_forward, loader, device)
-    return zrf(torch.softmax(logits.double(), 1), torch.softmax(rlogits.double(), 1))
+    return zrf_from_logits(logits, rlogits)
 
 
 def zrf_bad_teaching_score(forward: Forward, random_forward: Forward, loader: Iterable, device=None) -> float:
@@ -284,9 +293,6 @@ class RelearnResult:
     target: float = math.nan
 
 
-def _accuracy(forward, loader, device) -> float:
-    logits, labels = predict(forward, loader, device)
-    return 100.0 * float((logits.argmax(1) == labels).sum()) / max(1, labels.numel())
 
 
 def relearn_time(model: nn.Module, train_set: Dataset, eval_loader: Iterable, target_acc: float, *,
@@ -350,7 +356,7 @@ def relearn_time(model: nn.Module, train_set: Dataset, eval_loader: Iterable, ta
                 mod.eval()
 
     m.eval()
-    accs = [_accuracy(forward, eval_loader, device)]
+    accs = [accuracy(forward, eval_loader, device)]
     # A small tolerance only absorbs float noise: both accuracies are ratios of counts.
     if accs[0] >= target_acc - 1e-9:
         return RelearnResult(0, accs, target_acc)
@@ -373,7 +379,7 @@ def relearn_time(model: nn.Module, train_set: Dataset, eval_loader: Iterable, ta
                 loss.backward()
                 opt.step()
             m.eval()
-            accs.append(_accuracy(forward, eval_loader, device))
+            accs.append(accuracy(forward, eval_loader, device))
             if accs[-1] >= target_acc - 1e-9:
                 return RelearnResult(epoch, accs, target_acc)
     return RelearnResult(None, accs, target_acc)

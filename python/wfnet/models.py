@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .config import MODEL_NAMES
+
 __all__ = ["build_model", "MODEL_NAMES", "min_image_size"]
 
-MODEL_NAMES = ("small_cnn", "vgg16", "resnet18", "vit_tiny", "vit_small")
 _VIT = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224"}
 _SMALL_INPUT = 64  # at or below this many pixels, use the CIFAR-style stems / patch size 4
 

@@ -8,66 +8,22 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ._version import __version__
+from .files import atomic_write
 from .model import WFModel
 
-__all__ = ["save_filters", "load_filters", "read_filters_metadata", "atomic_write", "write_text"]
+__all__ = ["save_filters", "load_filters", "read_filters_metadata"]
 
 FORMAT = "wfnet-filters"
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (os.umask sets it, racing other threads)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one, never half."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates the file private (0600); give it the mode a plain open() would (0666 minus the umask)
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text(path, text: str) -> None:
-    """Write a text file atomically (UTF-8)."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
 def save_filters(wf: WFModel, path, metadata: dict | None = None) -> None:
     """Save only the gate matrices of ``wf`` (plus metadata) to a safetensors file, atomically."""
-    from . import __version__
-
     if not isinstance(wf, WFModel):
         raise TypeError(f"save_filters expects a WFModel, got {type(wf).__name__}")
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in wf.named_filter_parameters()}

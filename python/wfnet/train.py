@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -17,21 +17,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoint import load_state, optimizer_from_flat, optimizer_to_flat, save_model, save_state
+from .checkpoint import load_state, optimizer_from_flat, optimizer_to_flat, save_state
+from .config import TrainConfig
 from .distributed import DistInfo
+from .metrics import accuracy
 
-__all__ = ["TrainConfig", "train_classifier", "accuracy", "make_loader"]
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.05
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9, cosine schedule) or "adam"
-    weight_decay: float = 5e-4
-    seed: int = 0
-    num_workers: int = 0
+__all__ = ["TrainConfig", "train_classifier", "make_loader"]
 
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
@@ -46,17 +37,6 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int =
     g = torch.Generator().manual_seed(seed + epoch)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None,
                       num_workers=num_workers)
-
-
-@torch.no_grad()
-def accuracy(forward, loader: DataLoader, device) -> float:
-    """Top-1 accuracy in % of ``forward(x) -> logits`` over a loader."""
-    correct = total = 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        correct += (forward(x).argmax(1) == y).sum().item()
-        total += y.numel()
-    return 100.0 * correct / max(total, 1)
 
 
 def _optimizer(params, cfg: TrainConfig):
@@ -75,6 +55,8 @@ def train_classifier(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg:
     ``checkpoint``: where the per-epoch training state goes (and is resumed from with ``resume=True``).
     """
     info = info or DistInfo()
+    if cfg.epochs is None:
+        raise ValueError("TrainConfig.epochs is not set")
     torch.manual_seed(cfg.seed)
     model.to(device)
     opt = _optimizer(model.parameters(), cfg)
@@ -118,5 +100,3 @@ def train_classifier(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg:
     test_acc = accuracy(model, make_loader(test_ds, 512), device)
     return {"test_acc": test_acc, "epochs": cfg.epochs, "history": history}
 
-
-__all__ += ["save_model"]

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -45,53 +45,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .config import RECIPES, UntrainConfig, recipe
 from .checkpoint import load_state, optimizer_from_flat, optimizer_to_flat, save_state
 from .distributed import DistInfo, all_reduce_mean, shard
 from .layers import WFLinear
 from .model import WFModel
 
-__all__ = ["UntrainConfig", "recipe", "expand_batch", "untrain_loss", "gate_regulariser", "untrain", "RECIPES"]
-
-RECIPES = ("paper", "tuned")
-
-
-@dataclass
-class UntrainConfig:
-    optimizer: str = "adam"           # "sgd" or "adam" (on the gate logits only)
-    lr: float = 0.1
-    lambda_retain: float = 20.0       # lambda0
-    lambda_forget: float = 10.0       # lambda1
-    lambda_reg: float = 1.0           # lambda2
-    forget_loss: str = "mean_inverse"  # "mean_inverse" = mean(1/(CE_f+eps)), "inverse_mean" = 1/(mean(CE_f)+eps)
-    eps: float = 0.05
-    alpha_clamp: float | None = 6.0   # clamp gate logits to [-c, c] after each step; None = no clamp
-    chi: int = 3
-    batch_size: int = 128
-    init: float = 3.0
-    max_epochs: int = 10
-    patience: int = 10                # validations without improvement before stopping
-    val_per_epoch: int = 5
-    seed: int = 0
-    num_workers: int = 0
-
-
-def recipe(name: str = "tuned", kind: str = "cnn", **overrides) -> UntrainConfig:
-    """The ``paper`` or ``tuned`` recipe for a ``cnn`` or ``vit`` backbone, with overrides (None = keep)."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}: use one of {', '.join(RECIPES)}")
-    if kind not in ("cnn", "vit"):
-        raise ValueError(f"kind must be 'cnn' or 'vit', got {kind!r}")
-    if name == "paper":
-        cfg = UntrainConfig(optimizer="sgd", lr=100.0, lambda_retain=1.0,
-                            lambda_forget=100.0 if kind == "vit" else 10.0, lambda_reg=1.0,
-                            forget_loss="mean_inverse", eps=1e-6, alpha_clamp=None)
-    else:
-        cfg = UntrainConfig()
-    known = {f.name for f in fields(UntrainConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"unknown untraining option(s) {sorted(unknown)}")
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+__all__ = ["UntrainConfig", "recipe", "expand_batch", "untrain_loss", "gate_regulariser", "untrain", "RECIPES",
+           "model_kind", "options_key"]
 
 
 def model_kind(wf: WFModel) -> str:
@@ -207,7 +168,7 @@ def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig,
     best = {k: p.detach().clone() for k, p in named.items()}
     if resume and state_path is not None and Path(state_path).exists():
         tensors, meta = load_state(state_path)
-        if meta.get("config") != _config_key(cfg):
+        if meta.get("config") != options_key(cfg):
             raise ValueError(f"{state_path} was written with a different untraining config; start a new run folder "
                              f"or pass the same options")
         with torch.no_grad():
@@ -227,7 +188,7 @@ def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig,
         tensors.update({f"best.{k}": v for k, v in best.items()})
         opt_tensors, opt_meta = optimizer_to_flat(opt)
         tensors.update(opt_tensors)
-        save_state(state_path, tensors, {"state": st, "optimizer": opt_meta, "config": _config_key(cfg)})
+        save_state(state_path, tensors, {"state": st, "optimizer": opt_meta, "config": options_key(cfg)})
 
     t0 = time.time() - st["seconds"]
     total_steps = cfg.max_epochs * steps_per_epoch
@@ -283,10 +244,11 @@ def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig,
         for k, p in named.items():
             p.copy_(best[k])
     return {"best_val_loss": st["best_val"], "steps": st["global_step"], "epochs_run": st["epoch"],
-            "stopped": st["stopped"], "seconds": st["seconds"], "history": st["history"], "config": asdict(cfg)}
+            "stopped": st["stopped"], "seconds": st["seconds"], "history": st["history"], "config": options_key(cfg)}
 
 
-def _config_key(cfg: UntrainConfig) -> dict:
+def options_key(cfg: UntrainConfig) -> dict:
+    """The options that define an untraining result (everything but the worker count), as saved with it."""
     d = asdict(cfg)
     d.pop("num_workers")
     return d
