@@ -5,11 +5,10 @@
 """
 __version__ = "0.1.0"
 
-from . import adapters, ops
+from . import ops
 from .backends import BackendUnavailableError, available_backends, get_backend, set_backend, use_backend
-from .layers import WFConv2d, WFLinear, WFMultiheadAttention
-from .model import (CoverageError, Target, TargetPlan, UnsupportedModelError, WFModel, export, find_targets, forgetting,
-                    wrap)
+from .layers import WFConv2d, WFLinear
+from .model import WFModel, export, find_targets, forgetting, wrap
 from .serialization import load_filters, read_filters_metadata, save_filters
 from .run import Run, RunError
 
