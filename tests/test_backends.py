@@ -164,7 +164,7 @@ def test_auto_skips_backends_with_reasons_and_lists_all_when_none_fits(monkeypat
     bad = Recorder("triton", reasons=["shape too small"])
     good = _spy(monkeypatch, "torch")
     monkeypatch.setitem(backends._loaded, "triton", bad)
-    monkeypatch.setattr(backends, "_DEFAULT_AUTO_ORDER", ("triton", "torch"))
+    monkeypatch.setattr(backends, "auto_choice", lambda device: (("triton", "torch"), "test order"))
     _conv_call()
     assert bad.calls == [] and good.calls == ["conv2d"]
     good.reasons = ["disabled for this test"]
@@ -174,5 +174,45 @@ def test_auto_skips_backends_with_reasons_and_lists_all_when_none_fits(monkeypat
 
 
 def test_naive_is_never_picked_automatically():
-    for device in ("cpu", "cuda"):
-        assert "naive" not in backends._AUTO_ORDER.get(device, backends._DEFAULT_AUTO_ORDER)
+    ok = {"verified": True}
+    everything = {"GPU": {name: ok for name in ("naive", "torch", "triton", "cuda")}}
+    assert "naive" not in backends.auto_choice("cpu")[0]
+    assert "naive" not in backends.cuda_auto_order("GPU", everything)[0]
+
+
+# ------------------------------------------------------------------------------- "auto" and the verification record
+def test_auto_on_cuda_takes_only_verified_fused_backends():
+    from wfnet.backends import cuda_auto_order
+
+    name = "NVIDIA H100 80GB HBM3"
+    order, reason = cuda_auto_order(name, {})
+    assert order == ("torch",) and "no GPU check recorded" in reason
+    ok = {"verified": True, "date": "2026-11-25", "torch": "2.11.0"}
+    bad = {"verified": False, "date": "2026-11-25", "reasons": ["3 tests failed"]}
+    order, reason = cuda_auto_order(name, {name: {"triton": bad, "cuda": ok}})
+    assert order == ("cuda", "torch") and "3 tests failed" in reason and "cuda first" in reason
+    order, _ = cuda_auto_order(name, {name: {"triton": ok, "cuda": ok}})
+    assert order == ("triton", "cuda", "torch")
+    order, reason = cuda_auto_order("NVIDIA A100-SXM4-80GB", {name: {"triton": ok}})  # verified elsewhere only
+    assert order == ("torch",) and name in reason
+
+
+def test_auto_choice_on_cpu_is_torch_and_explained():
+    from wfnet.backends import auto_choice
+
+    order, reason = auto_choice("cpu")
+    assert order == ("torch",) and "cpu" in reason
+
+
+def test_explicit_fused_backend_is_honoured_even_where_auto_would_not_pick_it():
+    """auto on CPU never takes triton; an explicit request does (here under the Triton interpreter)."""
+    pytest.importorskip("wf_kernels.ops")
+    from wfnet.backends import resolve_backend
+    from wfnet.rows import Rows
+
+    x = torch.randn(2, 3, 4)
+    args = dict(x=x, weight=torch.randn(5, 4), bias=None, alpha_weight=torch.zeros(3, 5), alpha_bias=None,
+                rows=Rows.prepare([0, 2], 3, 2).bind(x))
+    assert resolve_backend("linear", "auto", args).name == "torch"
+    if not torch.cuda.is_available():
+        assert resolve_backend("linear", "triton", args).name == "triton"

@@ -13,7 +13,12 @@ as a pair of ints (string / asymmetric padding is resolved beforehand), stride a
 
 Selection (xformers-style): an explicitly requested backend that cannot take the input raises
 :class:`BackendUnavailableError` listing every reason; ``"auto"`` walks the preference list for the device and takes
-the first backend with no reasons. Backends whose module fails to import (no Triton, no compiled extension) report
+the first backend with no reasons.
+
+"auto" never sends a user to unverified kernels: on a CUDA device it tries ``triton`` / ``cuda`` only where the GPU
+check (``bench/gpu_check.sh``) recorded a passing verification for that device name (``wf_kernels/verification.json``),
+and otherwise takes ``torch`` (cuDNN / cuBLAS + the torch epilogue). ``auto_choice(device)`` says which order applies
+and why. An explicit ``backend="triton"`` or ``"cuda"`` is always honoured. Backends whose module fails to import (no Triton, no compiled extension) report
 that as their reason, so an explicit request explains how to fix it.
 """
 from __future__ import annotations
@@ -32,6 +37,7 @@ __all__ = [
     "set_backend",
     "use_backend",
     "BACKEND_NAMES",
+    "auto_choice",
 ]
 
 # name -> module that defines a module-level ``BACKEND`` object. Imported lazily: Triton and the CUDA extension are
@@ -44,11 +50,10 @@ _BACKEND_MODULES = {
 }
 BACKEND_NAMES = ("auto",) + tuple(_BACKEND_MODULES)
 
-# "auto" preference per device type. The naive path is a reference, never picked automatically.
-_AUTO_ORDER = {
-    "cuda": ("triton", "cuda", "torch"),
-}
-_DEFAULT_AUTO_ORDER = ("torch",)
+# "auto" preference on CUDA among the VERIFIED fused backends; torch always closes the list. The naive path is a
+# reference, never picked automatically.
+_FUSED_PREFERENCE = ("triton", "cuda")
+_auto_cache: dict = {}  # device -> (order, reason); filled outside compiled regions (driver + file access)
 
 _loaded: dict[str, object] = {}
 _import_errors: dict[str, str] = {}
@@ -125,6 +130,61 @@ def available_backends() -> dict[str, str | None]:
     return {name: (None if _load(name) is not None else _import_errors.get(name)) for name in _BACKEND_MODULES}
 
 
+def _verification_table() -> dict:
+    try:
+        from wf_kernels.verification import load_verification
+    except ImportError:  # wf_kernels not importable: nothing is verified
+        return {}
+    return load_verification()
+
+
+def auto_choice(device) -> tuple[tuple[str, ...], str]:
+    """``(order, reason)``: the backends "auto" tries, in order, for tensors on ``device``, and why."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    cached = _auto_cache.get(device)
+    if cached is not None:
+        return cached
+    if device.type != "cuda":
+        choice = ("torch",), f"{device.type} tensors: the torch backend (the reference; the fused kernels need CUDA)"
+    else:
+        choice = cuda_auto_order(torch.cuda.get_device_name(device), _verification_table())
+    _auto_cache[device] = choice
+    return choice
+
+
+def _auto_order(device: str) -> tuple[str, ...]:
+    order = auto_choice(device)[0]
+    for name in order:  # imported here, never inside a compiled region (dynamo cannot follow importlib)
+        _load(name)
+    return order
+
+
+# torch.compile evaluates _auto_order once at trace time (driver and file access) and keeps the result as a constant:
+# what torch._dynamo.assume_constant_result(fn) does, without importing dynamo (1 s) on every `import wfnet`.
+_auto_order._dynamo_marked_constant = True
+
+
+def cuda_auto_order(device_name: str, table: dict) -> tuple[tuple[str, ...], str]:
+    """"auto"'s order on the CUDA device called ``device_name``, given the verification record ``table``: the
+    verified fused backends in preference order, then torch; with the reason for each."""
+    from wf_kernels.verification import verification_status
+
+    verified, notes = [], []
+    for backend in _FUSED_PREFERENCE:
+        ok, why = verification_status(device_name, backend, table)
+        if ok:
+            verified.append(backend)
+        notes.append(f"{backend}: {why}")
+    order = tuple(verified) + ("torch",)
+    head = (f"{order[0]} first" if verified else
+            "torch (cuDNN / cuBLAS + the torch epilogue), since no fused backend is verified on this device")
+    return order, f"{device_name}: {head} [{'; '.join(notes)}]"
+
+
 def _reasons(name: str, op: str, args: dict) -> list[str]:
     backend = _load(name)
     if backend is None:
@@ -142,7 +202,7 @@ def resolve_backend(op: str, requested: str | None, args: dict):
                 f"backend {name!r} cannot run wf_{op} on this input:\n  - " + "\n  - ".join(reasons)
             )
         return _loaded[name]
-    order = _AUTO_ORDER.get(args["x"].device.type, _DEFAULT_AUTO_ORDER)
+    order = _auto_order(str(args["x"].device))
     all_reasons = {}
     for candidate in order:
         reasons = _reasons(candidate, op, args)
