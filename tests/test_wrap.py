@@ -336,7 +336,7 @@ def test_targets_names_globs_and_predicate():
     assert wrapped(["features.[3-9]", "he*"]).layer_names == ["features.3", "head"]
     pred = wrapped(lambda name, m: isinstance(m, nn.Conv2d) and m.groups > 1)
     assert pred.layer_names == ["features.3"]
-    assert wfnet.find_targets(SmallCNN(), lambda n, m: isinstance(m, nn.Linear)) == ["head"]
+    assert wfnet.find_targets(SmallCNN(), lambda n, m: isinstance(m, nn.Linear)).names == ["head"]
     with pytest.raises(TypeError, match=r"features\.1 \(BatchNorm2d\)"):
         wrapped(["features.1"])
     with pytest.raises(ValueError, match="match no module"):

@@ -5,15 +5,17 @@
 """
 __version__ = "0.1.0"
 
-from . import ops
+from . import adapters, ops
 from .backends import BackendUnavailableError, available_backends, get_backend, set_backend, use_backend
-from .layers import WFConv2d, WFLinear
-from .model import WFModel, export, find_targets, forgetting, wrap
+from .layers import WFConv2d, WFLinear, WFMultiheadAttention
+from .model import (CoverageError, Target, TargetPlan, UnsupportedModelError, WFModel, export, find_targets, forgetting,
+                    wrap)
 from .serialization import load_filters, read_filters_metadata, save_filters
 from .run import Run, RunError
 
 __all__ = [
     "__version__", "ops", "wrap", "WFModel", "forgetting", "export", "find_targets", "save_filters", "load_filters",
     "read_filters_metadata", "WFConv2d", "WFLinear", "set_backend", "get_backend", "use_backend",
-    "available_backends", "BackendUnavailableError", "Run", "RunError",
+    "available_backends", "BackendUnavailableError", "Run", "RunError", "adapters", "WFMultiheadAttention",
+    "TargetPlan", "Target", "CoverageError", "UnsupportedModelError",
 ]

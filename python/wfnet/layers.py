@@ -7,8 +7,14 @@ raw gate logits, initialised to ``init`` (3.0 -> sigmoid 0.95), kept in fp32. Ro
 sigmoid(alpha_weight[r, j]) and its bias by sigmoid(alpha_bias[r, j]) (method.md section 2; **decision**: one gate per
 output channel / feature, not per weight element).
 
+``WFMultiheadAttention`` subclasses ``nn.MultiheadAttention`` and gates its in-projection (``in_proj_weight`` /
+``in_proj_bias``, [3E, E] / [3E]) the same way: ``alpha_weight`` / ``alpha_bias`` are [num_classes, 3E], one gate per
+query / key / value feature (the out-projection stays plain, like timm's ``proj``).
+
 Rows come from the ``forget=`` argument or, inside a wrapped model, from the model's router. No rows means the
-original layer, computed by the original ``nn.Conv2d`` / ``nn.Linear`` forward (bit for bit).
+original layer, computed by the original ``nn.Conv2d`` / ``nn.Linear`` / ``nn.MultiheadAttention`` forward (bit for
+bit). ``to_plain(row)`` gives the plain layer with that row's gates baked into its weights (what ``wfnet.export``
+assembles).
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import torch.nn.functional as F
 from . import ops
 from .rows import LayerRows, RowRouter, Rows
 
-__all__ = ["WFConv2d", "WFLinear", "FilteredLayer"]
+__all__ = ["WFConv2d", "WFLinear", "WFMultiheadAttention", "FilteredLayer"]
 
 
 def _autocast(x, weight, bias):
@@ -41,6 +47,11 @@ class FilteredLayer:
     # Set by an attention adapter whose layer runs on a folded batch (leading size k*B, each sample's k entries
     # consecutive, e.g. window attention): the sample's row is repeated k times. Never inferred from sizes.
     folded_batch: bool = False
+    # Set by an attention adapter whose parent computes this projection itself with F.linear and a bias it assembles
+    # from its own parameters (e.g. timm BEiT: cat(q_bias, k_bias, v_bias)): the names of those parent attributes, in
+    # concatenation order. The layer then has alpha_bias for that bias although its own ``bias`` is None; export
+    # scales the parent's parts.
+    bias_parts: tuple = ()
 
     def _init_filters(self, num_classes: int, init: float, out_features: int, has_bias: bool, device):
         if num_classes < 1:
@@ -84,8 +95,16 @@ class FilteredLayer:
             raise TypeError(f"gate() takes one class row (an int), got {row!r}")
         return torch.sigmoid(alpha[rows.value].float())
 
+    def _baked(self, row):
+        """(weight gates, bias gates or None) of one row, in the layer's dtype, for export."""
+        gw = self.gate(row).to(self.weight.dtype)
+        gb = self.gate(row, "bias").to(self.weight.dtype) if self.alpha_bias is not None else None
+        return gw, gb
+
     def _filter_repr(self):
-        return f"num_classes={self.num_classes}, gates={'weight+bias' if self.alpha_bias is not None else 'weight'}"
+        extra = f", bias_parts={list(self.bias_parts)}" if self.bias_parts else ""
+        extra += ", folded_batch=True" if self.folded_batch else ""
+        return f"num_classes={self.num_classes}, gates={'weight+bias' if self.alpha_bias is not None else 'weight'}" + extra
 
 
 class WFConv2d(FilteredLayer, nn.Conv2d):
@@ -126,6 +145,18 @@ class WFConv2d(FilteredLayer, nn.Conv2d):
             return ops.conv2d_prepared(x, weight, bias, self.alpha_weight, self.alpha_bias, rows, self.stride,
                                        padding, self.dilation, self.groups, backend=None)
 
+    @torch.no_grad()
+    def to_plain(self, row: int) -> nn.Conv2d:
+        """A plain nn.Conv2d with row ``row``'s gates baked into its weight and bias."""
+        gw, gb = self._baked(row)
+        plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, self.groups, self.bias is not None, self.padding_mode,
+                          device=self.weight.device, dtype=self.weight.dtype)
+        plain.weight.copy_(self.weight * gw.view(-1, 1, 1, 1))
+        if self.bias is not None:
+            plain.bias.copy_(self.bias * gb)
+        return plain.requires_grad_(False)
+
     def extra_repr(self):
         return nn.Conv2d.extra_repr(self) + ", " + self._filter_repr()
 
@@ -140,25 +171,212 @@ class WFLinear(FilteredLayer, nn.Linear):
         self._init_filters(num_classes, init, out_features, bias, device)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, num_classes: int, init: float = 3.0) -> "WFLinear":
-        """Wrap an existing Linear; the new layer shares (and freezes) its weight and bias parameters."""
+    def from_linear(cls, linear: nn.Linear, num_classes: int, init: float = 3.0,
+                    bias_parts: tuple = ()) -> "WFLinear":
+        """Wrap an existing Linear; the new layer shares (and freezes) its weight and bias parameters.
+
+        ``bias_parts`` (attention adapters only): the parent supplies this projection's bias at call time, assembled
+        from these parent attributes (see :attr:`FilteredLayer.bias_parts`); the layer gets ``alpha_bias`` for it.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if bias_parts and linear.bias is not None:
+            raise ValueError("bias_parts is for a projection without its own bias (the parent supplies the bias)")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, num_classes=num_classes,
                     init=init, device="meta")
         layer.weight = linear.weight
         layer.bias = linear.bias
-        layer._init_filters(num_classes, init, linear.out_features, linear.bias is not None, linear.weight.device)
+        layer._init_filters(num_classes, init, linear.out_features, linear.bias is not None or bool(bias_parts),
+                            linear.weight.device)
+        if bias_parts:
+            layer.bias_parts = tuple(bias_parts)
         return layer
 
     def forward(self, x: torch.Tensor, forget=None) -> torch.Tensor:
         rows = self._rows(x, forget)
         if rows is None:
             return nn.Linear.forward(self, x)
+        return self._gated(x, self.bias, rows)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear(x, self.weight, bias)`` with this layer's gates, for a parent that computes the projection
+        itself with a bias it assembled (the functional route of :mod:`wfnet.adapters`): the bias is gated with
+        ``alpha_bias`` like the layer's own. Rows come from the router."""
+        rows = self._rows(x, None)
+        if rows is None:
+            return F.linear(x, self.weight, bias)
+        if bias is not None and self.alpha_bias is None:
+            raise ValueError(f"{type(self).__name__}: the parent passes a bias of {bias.shape[0]} features but the "
+                             f"layer has no bias gates (its adapter declares no bias_parts), so that bias would go "
+                             f"unfiltered; register the adapter with bias_parts")
+        return self._gated(x, bias, rows)
+
+    def _gated(self, x, bias, rows):
         self._check_input_device(x)
-        x, weight, bias, cast = _autocast(x, self.weight, self.bias)
+        x, weight, bias, cast = _autocast(x, self.weight, bias)
+        alpha_bias = self.alpha_bias if bias is not None else None
         with torch.autocast(x.device.type, enabled=False) if cast else contextlib.nullcontext():
-            return ops.linear_prepared(x, weight, bias, self.alpha_weight, self.alpha_bias, rows, backend=None)
+            return ops.linear_prepared(x, weight, bias, self.alpha_weight, alpha_bias, rows, backend=None)
+
+    @torch.no_grad()
+    def to_plain(self, row: int) -> nn.Linear:
+        """A plain nn.Linear with row ``row``'s gates baked into its weight and bias (a parent's ``bias_parts`` are
+        baked by ``wfnet.export``, which owns the parent)."""
+        gw, gb = self._baked(row)
+        plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight.device,
+                          dtype=self.weight.dtype)
+        plain.weight.copy_(self.weight * gw.view(-1, 1))
+        if self.bias is not None:
+            plain.bias.copy_(self.bias * gb)
+        return plain.requires_grad_(False)
 
     def extra_repr(self):
         return nn.Linear.extra_repr(self) + ", " + self._filter_repr()
+
+
+def _as_additive_mask(mask, dtype, name):
+    """A bool mask (True = not allowed, as nn.MultiheadAttention reads it) as an additive float mask."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    if not mask.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+class WFMultiheadAttention(FilteredLayer, nn.MultiheadAttention):
+    """An ``nn.MultiheadAttention`` whose in-projection (queries, keys, values: 3E features) is gated per sample by
+    its class row, in both ``batch_first`` layouts. Same parameters (shared, frozen) and state-dict keys.
+
+    With rows, the attention is computed here (in-projection through :func:`wfnet.ops.linear_prepared`, then
+    ``scaled_dot_product_attention``, or an explicit softmax when the weights are requested); without rows, the
+    original ``nn.MultiheadAttention.forward`` runs. A sequence-first input [L, B, E] is transposed to batch-first
+    before the projection, so a sample's rows are never read off the sequence axis. Supported: self- and
+    cross-attention with ``kdim == vdim == embed_dim``, ``attn_mask`` (2-d / 3-d, bool or float),
+    ``key_padding_mask``, ``is_causal``, ``need_weights`` / ``average_attn_weights``, dropout. Refused at wrap time
+    (:meth:`unsupported`): ``add_bias_kv``, ``add_zero_attn``, separate ``kdim`` / ``vdim`` projections.
+    """
+
+    @property
+    def weight(self):
+        return self.in_proj_weight
+
+    @property
+    def bias(self):
+        return self.in_proj_bias
+
+    @staticmethod
+    def unsupported(mha: nn.MultiheadAttention) -> str | None:
+        """Why ``mha`` cannot be filtered (None when it can)."""
+        reasons = []
+        if not mha._qkv_same_embed_dim:
+            reasons.append("kdim/vdim differ from embed_dim (separate q/k/v projection weights)")
+        if mha.bias_k is not None:
+            reasons.append("add_bias_kv=True")
+        if mha.add_zero_attn:
+            reasons.append("add_zero_attn=True")
+        return ", ".join(reasons) or None
+
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention, num_classes: int, init: float = 3.0) -> "WFMultiheadAttention":
+        """Wrap an existing nn.MultiheadAttention; shares (and freezes) its parameters and its out_proj module."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"from_mha expects an nn.MultiheadAttention, got {type(mha).__name__}")
+        why = cls.unsupported(mha)
+        if why:
+            raise ValueError(f"nn.MultiheadAttention with {why} cannot be filtered")
+        layer = cls.__new__(cls)
+        nn.MultiheadAttention.__init__(layer, mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None,
+                                       batch_first=mha.batch_first, device="meta")
+        layer.in_proj_weight = mha.in_proj_weight
+        layer.in_proj_bias = mha.in_proj_bias
+        layer.out_proj = mha.out_proj
+        layer.training = mha.training
+        layer._init_filters(num_classes, init, 3 * mha.embed_dim, mha.in_proj_bias is not None,
+                            mha.in_proj_weight.device)
+        for p in layer.out_proj.parameters():
+            p.requires_grad_(False)
+        return layer
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        routed = self._router is not None and self._router.rows_object() is not None
+        if not routed or query.dim() != 3:
+            if routed:
+                raise ValueError(f"{type(self).__name__}: an unbatched input (shape {list(query.shape)}) has no "
+                                 f"sample axis to take class rows from")
+            return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask=key_padding_mask,
+                                                 need_weights=need_weights, attn_mask=attn_mask,
+                                                 average_attn_weights=average_attn_weights, is_causal=is_causal)
+        self_attn = query is key and key is value
+        if not self.batch_first:  # [L, B, E] -> [B, L, E]: rows follow the batch axis, never the sequence axis
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        rows = self._rows(query, None)
+        self._check_input_device(query)
+        e = self.embed_dim
+        x, weight, bias, cast = _autocast(query, self.in_proj_weight, self.in_proj_bias)
+        with torch.autocast(x.device.type, enabled=False) if cast else contextlib.nullcontext():
+            if self_attn:
+                q, k, v = ops.linear_prepared(x, weight, bias, self.alpha_weight, self.alpha_bias, rows).chunk(3, -1)
+            else:
+                ins = (x, key.to(x.dtype), value.to(x.dtype))
+                q, k, v = (ops.linear_prepared(
+                    t, weight[i * e:(i + 1) * e], None if bias is None else bias[i * e:(i + 1) * e],
+                    self.alpha_weight[:, i * e:(i + 1) * e].contiguous(),
+                    None if bias is None else self.alpha_bias[:, i * e:(i + 1) * e].contiguous(), rows)
+                    for i, t in enumerate(ins))
+        b, lq, _ = q.shape
+        s, h = k.shape[1], self.num_heads
+        q, k, v = (t.reshape(b, t.shape[1], h, e // h).transpose(1, 2) for t in (q, k, v))
+        mask = self._mask(attn_mask, key_padding_mask, is_causal, b, lq, s, q.dtype, q.device)
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            attn = F.dropout(scores.softmax(-1), p=p)
+            out = attn @ v
+            weights = attn.mean(1) if average_attn_weights else attn
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = out.transpose(1, 2).reshape(b, lq, e)
+        out = F.linear(out, self.out_proj.weight.to(out.dtype),
+                       None if self.out_proj.bias is None else self.out_proj.bias.to(out.dtype))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _mask(self, attn_mask, key_padding_mask, is_causal, b, lq, s, dtype, device):
+        """attn_mask ([L, S] or [B*heads, L, S]) and key_padding_mask ([B, S]) as one additive [B|1, heads|1, L, S]
+        mask (True = not allowed, as in nn.MultiheadAttention); is_causal builds the causal mask when none is given."""
+        h = self.num_heads
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(lq, s, dtype=torch.bool, device=device).triu(1)
+        mask = _as_additive_mask(attn_mask, dtype, "attn_mask")
+        if mask is not None:
+            mask = mask.view(1, 1, lq, s) if mask.dim() == 2 else mask.view(b, h, lq, s)
+        pad = _as_additive_mask(key_padding_mask, dtype, "key_padding_mask")
+        if pad is not None:
+            pad = pad.view(b, 1, 1, s)
+            mask = pad if mask is None else mask + pad
+        return mask
+
+    @torch.no_grad()
+    def to_plain(self, row: int) -> nn.MultiheadAttention:
+        """A plain nn.MultiheadAttention with row ``row``'s gates baked into its in-projection."""
+        gw, gb = self._baked(row)
+        plain = nn.MultiheadAttention(self.embed_dim, self.num_heads, self.dropout, self.in_proj_bias is not None,
+                                      batch_first=self.batch_first, device=self.in_proj_weight.device,
+                                      dtype=self.in_proj_weight.dtype)
+        plain.in_proj_weight.copy_(self.in_proj_weight * gw.view(-1, 1))
+        if self.in_proj_bias is not None:
+            plain.in_proj_bias.copy_(self.in_proj_bias * gb)
+        plain.out_proj.load_state_dict(self.out_proj.state_dict())
+        plain.train(self.training)
+        return plain.requires_grad_(False)
+
+    def extra_repr(self):
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
+                + self._filter_repr())
