@@ -232,3 +232,20 @@ def test_linear_cuda(dtype, allow_tf32, shape, path):
     with tf32(allow_tf32):
         check_linear(b, t, k, n, nc, dtype, "random", seed=1, path=path)
         check_linear(b, t, k, n, nc, dtype, "few", train_weight=True, seed=2, path=path)
+
+
+def test_autotune_prunes_configs_that_do_not_fit_shared_memory(monkeypatch):
+    """Of the eight Hopper configs, three need 256-288 KB for fp32 operands (an H100 has 227 KB per block); bf16
+    halves the tiles and keeps all. A batch bucket keys the tuning, so batches 160 and 250 share one tuning."""
+    from wf_kernels import autotune as at
+
+    monkeypatch.setattr(at, "smem_limit", lambda device: 232_448)
+    fp32 = {"x_ptr": torch.empty(1, dtype=torch.float32)}
+    bf16 = {"x_ptr": torch.empty(1, dtype=torch.bfloat16)}
+    kept = at.prune_configs(at._HOPPER, fp32)
+    assert len(kept) == 5 and all(at.smem_bytes(c, 4) <= 232_448 for c in kept)
+    assert len(at.prune_configs(at._HOPPER, bf16)) == 8
+    assert all(at.accumulators_per_thread(c) <= 128 for c in at._HOPPER + at._AMPERE)
+    monkeypatch.setattr(at, "smem_limit", lambda device: 1_000)  # nothing fits: the smallest config, not none
+    assert len(at.prune_configs(at._HOPPER, fp32)) == 1
+    assert at.m_bucket(160 * 65) == at.m_bucket(250 * 65) == 16384 and at.m_bucket(1) == 64
