@@ -108,6 +108,15 @@ def untrain_loss(logits, labels, n_forget: int, params, cfg: UntrainConfig) -> t
     return loss, parts
 
 
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A batch to the device without blocking the host: from pinned memory a copy to a GPU is queued on the stream
+    (from pageable memory it is a synchronous copy, a host sync per tensor per step)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _rows_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step)
 
@@ -123,8 +132,8 @@ def validation_loss(wf: nn.Module, params, val_ds: Dataset, num_classes: int, cf
     for i, (x, y) in enumerate(loader):
         inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, _rows_generator(cfg.seed, -1, i))
         inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info)
-        logits = wf(inputs.to(device), forget=rows)  # CPU rows: validated on the CPU, moved once by the router
-        _, parts = untrain_loss(logits, labels.to(device), nf, params, cfg)
+        logits = wf(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
+        _, parts = untrain_loss(logits, _to_device(labels, device), nf, params, cfg)
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v * x.shape[0]
         n += x.shape[0]
@@ -203,8 +212,8 @@ def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig,
             step = st["step"]
             inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, _rows_generator(cfg.seed, epoch, step))
             inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info)
-            logits = model(inputs.to(device), forget=rows)  # CPU rows: validated on the CPU, moved once by the router
-            loss, parts = untrain_loss(logits, labels.to(device), nf, params, cfg)
+            logits = model(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
+            loss, parts = untrain_loss(logits, _to_device(labels, device), nf, params, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
