@@ -106,3 +106,58 @@ def test_dot_precision_and_test_tolerances_follow_torch_tf32_flags():
     finally:
         torch.set_float32_matmul_precision("highest")
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+# ------------------------------------------------------------------------------------------------ GPU: host syncs
+def _count_syncs(fn) -> int:
+    """Device-to-host syncs that torch reports while ``fn`` runs (torch.cuda.set_sync_debug_mode("warn"))."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_forward_syncs_at_most_once_per_model_forward(backend):
+    """CPU rows and int rows: no sync at all; CUDA rows: one (their range check), never one per layer."""
+    wf = wfnet.wrap(_net(), num_classes=4).cuda()
+    x = torch.randn(8, 3, 6, 6, device="cuda")
+    cpu_rows = torch.randint(0, 4, (8,))
+    cuda_rows = cpu_rows.cuda()
+    with wfnet.use_backend(backend), torch.no_grad():
+        wf(x, forget=cpu_rows)  # warm-up: Triton compiles / autotunes on the first call
+        assert _count_syncs(lambda: wf(x, forget=cpu_rows)) == 0
+        assert _count_syncs(lambda: wf(x, forget=2)) == 0
+        assert _count_syncs(lambda: wf(x, forget=cuda_rows)) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_untraining_step_syncs_only_for_the_progress_bar(backend):
+    from wfnet import untrain as U
+
+    wf = wfnet.wrap(_net(), num_classes=4).cuda().eval()
+    params = list(wf.filter_parameters())
+    opt = torch.optim.Adam(params, lr=0.1)
+    cfg = U.recipe("tuned", "cnn")
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 4, (16,))
+
+    def step():
+        inputs, rows, labels, nf = U.expand_batch(x, y, 4, cfg.chi, torch.Generator().manual_seed(0))
+        logits = wf(U._to_device(inputs, "cuda"), forget=rows)
+        loss, parts = U.untrain_loss(logits, U._to_device(labels, "cuda"), nf, params, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with wfnet.use_backend(backend):
+        step()  # warm-up
+        assert _count_syncs(step) == 1  # the loss parts for the progress bar, fetched in one copy
