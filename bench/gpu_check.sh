@@ -11,15 +11,17 @@
 # each stage's limit shrinks to what is left, and a stage with under 15 s left is skipped and says so):
 #   build 140      pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0, CUDA_HOME), then the
 #                  compiled wfnet._C MUST import (exit 3 otherwise; ALLOW_NO_EXT=1 to go on without it)
-#   warm 35        bench/memcheck_ops.py for triton and cuda without the sanitizer: fills the Triton cache for the
+#   warm 45        bench/memcheck_ops.py for triton and cuda without the sanitizer: fills the Triton cache for the
 #                  tests and memcheck (WFNET_AUTOTUNE=0, as they use) and records first-call (compile) times
-#   test 130       pytest over the GPU test files, -m "cuda or not cuda", WFNET_AUTOTUNE=0, --junitxml
-#   memcheck 80    compute-sanitizer --tool memcheck on bench/memcheck_ops.py, once per fused backend (40 s each)
+#   test 125       pytest over the GPU test files, -m "cuda or not cuda", WFNET_AUTOTUNE=0, --junitxml
+#   memcheck 76    compute-sanitizer --tool memcheck on bench/memcheck_ops.py --once, per fused backend (38 s each)
 #   record 10      bench/record_verification.py: wf_kernels/verification.json (+ a copy in the output folder)
 #   sync 25        bench/sync_count.py: host syncs per forward (CPU / int / CUDA rows) and per untraining step
 #   bench_ops 40   bench/bench_ops.py --quick (WFNET_AUTOTUNE=0)     FULL: all shapes, --record-dispatch, 170 s
 #   bench_model 60 bench/bench_model.py --quick (WFNET_AUTOTUNE=0)   FULL: torch.compile included, 200 s
-# FULL=1 runs build, bench_ops and bench_model only (a fresh machine needs the build again).
+# FULL=1 runs build, bench_model, then bench_ops (a fresh machine needs the build again). Both write after every
+# model / shape, so a cut run keeps what it measured; BENCH_MODEL_ARGS / BENCH_OPS_ARGS add arguments (e.g.
+# BENCH_MODEL_ARGS="--models vgg16" to spread a FULL run over several calls).
 #
 # The first lines fail loudly (exit 2) when there is no CUDA device, or pytest, triton, or nvcc is missing.
 # Output folder (at most 7 files, for the device tool's 8-file limit): summary.md (environment, TF32 flags, stage
@@ -165,7 +167,7 @@ cat "$W/env.txt" | tee -a "$W/gpu_check.log"
 summary; publish
 
 if [ "$FULL" = 1 ]; then
-  STAGES=${STAGES:-build,bench_ops,bench_model}
+  STAGES=${STAGES:-build,bench_model,bench_ops}
 else
   STAGES=${STAGES:-build,warm,test,memcheck,record,sync,bench_ops,bench_model}
 fi
@@ -200,14 +202,14 @@ for b in ('triton', 'cuda'):
   return $rc
 }
 export PY W SANITIZER
-on warm && { stage warm 35 bash -c "$(declare -f warm_both); warm_both" || true; }
+on warm && { stage warm 45 bash -c "$(declare -f warm_both); warm_both" || true; }
 
 if on test; then
   PYTEST_ARGS=(-q -rfEs --durations=15 -p no:cacheprovider -m "cuda or not cuda" --junitxml="$W/pytest_gpu.xml")
   "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout=100)
   WORKERS=${PYTEST_WORKERS:-4}
   if [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n "$WORKERS"); fi
-  stage test 130 env WFNET_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" \
+  stage test 125 env WFNET_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" \
     tests/test_triton_linear.py tests/test_triton_conv2d.py tests/test_compile.py tests/test_cuda_ext.py \
     tests/test_ops.py tests/test_layers.py tests/test_backends.py || true
 fi
@@ -217,14 +219,14 @@ memcheck_one() {  # memcheck_one BACKEND: sanitizer log + the exit status, for r
   if [ -z "$SANITIZER" ]; then echo "compute-sanitizer not found"; echo "gpu_check: rc=127"; return 127; fi
   # no caching allocator: every tensor is its own allocation, so out-of-bounds accesses are caught at its edge
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 WFNET_AUTOTUNE=0 \
-    "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 50 "$PY" bench/memcheck_ops.py --backend "$b"
+    "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 50 "$PY" bench/memcheck_ops.py --backend "$b" --once
   rc=$?
   echo "gpu_check: rc=$rc"
   return $rc
 }
 if on memcheck; then
-  stage memcheck_triton 40 bash -c "$(declare -f memcheck_one); memcheck_one triton" || true
-  stage memcheck_cuda 40 bash -c "$(declare -f memcheck_one); memcheck_one cuda" || true
+  stage memcheck_triton 38 bash -c "$(declare -f memcheck_one); memcheck_one triton" || true
+  stage memcheck_cuda 38 bash -c "$(declare -f memcheck_one); memcheck_one cuda" || true
 fi
 
 if on record; then
@@ -234,21 +236,27 @@ fi
 
 on sync && { stage sync 25 "$PY" bench/sync_count.py --out "$W" || true; }
 
-if on bench_ops; then
+run_bench_ops() {
   if [ "$FULL" = 1 ]; then
-    stage bench_ops 170 "$PY" bench/bench_ops.py --record-dispatch --out "$W" --tag _full || true
+    stage bench_ops 170 "$PY" bench/bench_ops.py --record-dispatch --out "$W" --tag _full ${BENCH_OPS_ARGS:-} || true
     cp wf_kernels/dispatch_table.json "$W/" 2>/dev/null; publish
   else
-    stage bench_ops 40 env WFNET_AUTOTUNE=0 "$PY" bench/bench_ops.py --quick --out "$W" --tag _quick || true
+    stage bench_ops 40 env WFNET_AUTOTUNE=0 "$PY" bench/bench_ops.py --quick --out "$W" --tag _quick ${BENCH_OPS_ARGS:-} || true
   fi
-fi
-
-if on bench_model; then
+}
+run_bench_model() {
   if [ "$FULL" = 1 ]; then
-    stage bench_model 200 "$PY" bench/bench_model.py --out "$W" --tag _full || true
+    stage bench_model 200 "$PY" bench/bench_model.py --out "$W" --tag _full ${BENCH_MODEL_ARGS:-} || true
   else
-    stage bench_model 60 env WFNET_AUTOTUNE=0 "$PY" bench/bench_model.py --quick --out "$W" --tag _quick || true
+    stage bench_model 60 env WFNET_AUTOTUNE=0 "$PY" bench/bench_model.py --quick --out "$W" --tag _quick ${BENCH_MODEL_ARGS:-} || true
   fi
+}
+if [ "$FULL" = 1 ]; then  # the model table is the headline: first
+  on bench_model && run_bench_model
+  on bench_ops && run_bench_ops
+else
+  on bench_ops && run_bench_ops
+  on bench_model && run_bench_model
 fi
 
 summary; publish

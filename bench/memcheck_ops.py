@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--json", help="write per-case results (first/second call ms = compile time, errors) here")
     ap.add_argument("--limit", type=int, default=0, help="run only the first N cases (smoke tests)")
+    ap.add_argument("--once", action="store_true", help="one call per case (no second, timed call): under the "
+                                                        "sanitizer the second call adds time and no coverage")
     args = ap.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -173,8 +175,9 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             out, grads = run_case(c["op"], tensors, conv, rows, args.backend, c["weight_grad"])
             t1 = time.perf_counter()
-            run_case(c["op"], tensors, conv, rows, args.backend, c["weight_grad"])
-            t2 = time.perf_counter()
+            if not args.once:
+                run_case(c["op"], tensors, conv, rows, args.backend, c["weight_grad"])
+            t2 = time.perf_counter() if not args.once else t1
             ref_t = {n: (v.float() if v is not None else None) for n, v in tensors.items()}
             ref_out, ref_grads = run_case(c["op"], ref_t, conv, rows, "torch", c["weight_grad"])
             errs = {"out": _rel(out, ref_out)}
