@@ -31,7 +31,13 @@ and the coverage guard of :class:`wfnet.model.WFModel` raises on the first route
 An unregistered module that owns projection-like parameters itself (``in_proj_weight``, ``q_bias`` / ``v_bias``
 beside a ``qkv`` layer, ...) computes its projection in a way no adapter knows: it is refused at wrap time.
 
-Extend with :func:`register_adapter`.
+Some modules change what a layer's leading dimension means for their whole subtree, whatever attention class runs
+inside: MobileViT unfolds each sample's feature map into ``patch_area`` sequences (``[B * P, N, C]``, sample-major),
+so every filtered layer of its ``transformer`` runs on a folded batch (:func:`register_folding`); XCiT's Fourier
+position encoding runs a conv on a grid with no sample axis at all, so it cannot take class rows and is left alone
+(:func:`register_sample_free`).
+
+Extend with :func:`register_adapter`, :func:`register_folding`, :func:`register_sample_free`.
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["AttentionAdapter", "register_adapter", "adapter_for", "registered_adapters", "AttentionSite",
+__all__ = ["AttentionAdapter", "register_adapter", "register_folding", "register_sample_free", "find_contexts", "adapter_for", "registered_adapters", "AttentionSite",
            "find_attention", "install_functional_route", "PROJECTION_NAMES"]
 
 # Child names that hold a q / k / v projection in the attention implementations seen in timm, torchvision and the
@@ -174,6 +180,53 @@ for _cls, _adapter in {
         "torchvision MaxViT attention: to_qkv Linear on [B, partitions, tokens, C]", projections=("to_qkv",)),
 }.items():
     register_adapter(_cls, _adapter)
+
+_FOLDING: dict[str, tuple[str, tuple]] = {}
+_SAMPLE_FREE: dict[str, str] = {}
+
+
+def register_folding(cls: type | str, subtrees: tuple, family: str) -> None:
+    """Declare that inside modules of class ``cls``, every filtered layer under the children ``subtrees`` runs on a
+    folded batch (leading size k * B, each sample's k entries consecutive)."""
+    _FOLDING[_key(cls)] = (family, tuple(subtrees))
+
+
+def register_sample_free(cls: type | str, reason: str) -> None:
+    """Declare that modules of class ``cls`` run on no sample axis (e.g. a position encoding computed once per
+    forward): their layers are left alone, with ``reason``."""
+    _SAMPLE_FREE[_key(cls)] = reason
+
+
+register_folding("timm.models.mobilevit.MobileVitBlock", ("transformer",),
+                 "timm MobileViT block: the transformer runs on [B * patch_area, N, C], sample-major")
+register_sample_free("timm.models.xcit.PositionalEncodingFourier",
+                     "position encoding computed on a grid with no sample axis (cannot take class rows)")
+
+
+def find_contexts(model: nn.Module) -> tuple[dict, dict]:
+    """(folded: module-path prefix -> family, sample_free: module-path prefix -> reason) for ``model``."""
+    folded, free = {}, {}
+    for name, module in model.named_modules():
+        for cls in type(module).__mro__:
+            key = _key(cls)
+            if key in _FOLDING:
+                family, subtrees = _FOLDING[key]
+                for sub in subtrees:
+                    folded[f"{name}.{sub}" if name else sub] = family
+                break
+            if key in _SAMPLE_FREE:
+                free[name] = _SAMPLE_FREE[key]
+                break
+    return folded, free
+
+
+def under(name: str, prefixes) -> str | None:
+    """The prefix of ``prefixes`` that contains module ``name`` (itself included), or None."""
+    for p in prefixes:
+        if not p or name == p or name.startswith(p + "."):
+            return p
+    return None
+
 
 GENERIC = AttentionAdapter("attention with projection layers (generic: module calls, checked by the coverage guard)",
                            projections=PROJECTION_NAMES)

@@ -52,6 +52,7 @@ class FilteredLayer:
     # concatenation order. The layer then has alpha_bias for that bias although its own ``bias`` is None; export
     # scales the parent's parts.
     bias_parts: tuple = ()
+    wf_name: str = ""  # the layer's name in the wrapped model (set by wrap, for messages)
 
     def _init_filters(self, num_classes: int, init: float, out_features: int, has_bias: bool, device):
         if num_classes < 1:
@@ -76,7 +77,19 @@ class FilteredLayer:
             return Rows.prepare(forget, self.num_classes, None if self.folded_batch else x.shape[0]).bind(
                 x, self.folded_batch)
         if self._router is not None:
-            return self._router.rows_for(self, x, self.folded_batch)
+            try:
+                return self._router.rows_for(self, x, self.folded_batch)
+            except ValueError as exc:
+                rows = self._router.rows_object()
+                if rows is None or rows.batch is None or x.shape[0] == rows.batch:
+                    raise
+                what = ("its adapter declares a folded batch (k * B, each sample's entries consecutive)"
+                        if self.folded_batch else
+                        "its input is not [B, ...] and no adapter declares how its leading dimension maps to samples "
+                        "(a folded batch must be declared: wfnet.adapters.register_adapter / register_folding; "
+                        "wfnet never infers it from sizes)")
+                raise ValueError(f"filtered layer {self.wf_name or type(self).__name__}: input leading "
+                                 f"size {x.shape[0]} for a batch of {rows.batch} samples, and {what}: {exc}") from exc
         return None
 
     def _check_input_device(self, x):

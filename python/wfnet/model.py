@@ -200,6 +200,7 @@ def find_targets(model: nn.Module, targets: Targets = "auto") -> TargetPlan:
     modules = dict(model.named_modules())
     candidates = [(n, m) for n, m in modules.items() if n and not isinstance(m, FilteredLayer)]
     sites = adapters.find_attention(model)
+    folded_under, sample_free = adapters.find_contexts(model)
     plan = TargetPlan(type(model).__name__, attention=len(sites))
     projection = {}  # layer name -> (role, site)
     for site in sites:
@@ -215,6 +216,11 @@ def find_targets(model: nn.Module, targets: Targets = "auto") -> TargetPlan:
             names = [n for n, m in candidates if isinstance(m, nn.Conv2d)]
     else:
         names = _select(model, targets, candidates)
+    free = [n for n in names if adapters.under(n, sample_free) is not None]
+    if free and targets != "auto":
+        raise ValueError(f"targets {free} run on no sample axis and cannot take class rows: "
+                         f"{sample_free[adapters.under(free[0], sample_free)]}")
+    names = [n for n in names if n not in free]
     bad = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], _FILTERABLE)]
     if bad:
         raise TypeError(f"only nn.Conv2d, nn.Linear and nn.MultiheadAttention layers can be filtered; these targets "
@@ -224,11 +230,12 @@ def find_targets(model: nn.Module, targets: Targets = "auto") -> TargetPlan:
         m = modules[n]
         role, site = projection.get(n, (None, None))
         adapter = site.adapter if site is not None else None
+        context = adapters.under(n, folded_under)
         if isinstance(m, nn.MultiheadAttention):
             if site is None or site.refused:  # refused: reported in plan.refused
                 continue
             plan.targets.append(Target(n, "in-projection", type(m).__name__, 3 * m.embed_dim,
-                                       m.in_proj_bias is not None, n, adapter.family))
+                                       m.in_proj_bias is not None, n, adapter.family, folded=context is not None))
             continue
         out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
         parts = ()
@@ -241,15 +248,18 @@ def find_targets(model: nn.Module, targets: Targets = "auto") -> TargetPlan:
             kind = _conv_kind(m) if isinstance(m, nn.Conv2d) else "linear"
         plan.targets.append(Target(
             n, kind, type(m).__name__, out, m.bias is not None or bool(parts),
-            attention=site.name if site is not None else "", family=adapter.family if adapter is not None else "",
-            folded=bool(adapter and adapter.folded), functional=bool(adapter and adapter.functional
+            attention=site.name if site is not None else "",
+            family=(adapter.family if adapter is not None else "") or (folded_under[context] if context else ""),
+            folded=bool(adapter and adapter.folded) or context is not None, functional=bool(adapter and adapter.functional
                                                                       and isinstance(m, nn.Linear)),
             bias_parts=parts))
     for n, m in candidates:
         if n in chosen or any(n.startswith(c + ".") for c in chosen):
             continue
         if isinstance(m, _FILTERABLE):
-            if targets != "auto":
+            if adapters.under(n, sample_free) is not None:
+                why = sample_free[adapters.under(n, sample_free)]
+            elif targets != "auto":
                 why = "not selected by targets"
             elif isinstance(m, nn.Conv2d):
                 why = "patch embedding (non-overlapping patchify conv), plain as in the paper"
@@ -441,6 +451,7 @@ def _filtered(old: nn.Module, target: Target, num_classes: int, init: float) -> 
         new = WFLinear.from_linear(old, num_classes, init, bias_parts=target.bias_parts)
     if target.folded:
         new.folded_batch = True  # declared by the adapter (instance attribute), never inferred
+    new.wf_name = target.name  # for error messages
     return new
 
 
