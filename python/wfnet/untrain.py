@@ -158,6 +158,7 @@ def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig,
     info = info or DistInfo()
     num_classes = wf.num_classes
     wf.to(device).eval()
+    wf.probe_coverage(train_ds, device)  # refuse a model whose filtered layers get no gate gradient
     params = list(wf.filter_parameters())
     with torch.no_grad():  # the configured init (wrap() used its own init; a fresh run starts from cfg.init)
         if not resume or state_path is None or not Path(state_path).exists():

@@ -1,0 +1,78 @@
+"""The audit metrics on known answers: MIA efficacy, linear-probe leakage, the k-shot relearning attack."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import wfnet
+from wfnet import audit
+
+
+def test_true_class_confidence_is_the_softmax_of_the_label():
+    logits = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    conf = audit.true_class_confidence(logits, torch.tensor([1, 0]))
+    np.testing.assert_allclose(conf, [0.5, 1 / (1 + np.exp(-10))], rtol=1e-6)
+
+
+def test_mia_efficacy_known_answers():
+    rng = np.random.default_rng(0)
+    member = rng.uniform(0.95, 1.0, 300)      # training samples: confident
+    non_member = rng.uniform(0.2, 0.6, 300)   # unseen samples: unsure
+    assert audit.mia_efficacy(member, non_member, rng.uniform(0.2, 0.6, 100)) > 0.95  # looks unseen: forgotten
+    assert audit.mia_efficacy(member, non_member, rng.uniform(0.95, 1.0, 100)) < 0.05  # looks trained on: remembered
+    with pytest.raises(ValueError, match="no target"):
+        audit.mia_efficacy(member, non_member, np.array([]))
+
+
+def test_probe_accuracy_known_answers():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 60)
+    separable = rng.normal(0, 0.1, (180, 4)) + np.eye(4)[y] * 3
+    assert audit.probe_accuracy(separable[::2], y[::2], separable[1::2], y[1::2], 2) == 1.0
+    noise = rng.normal(0, 1, (180, 4))  # features that carry no class: about chance (1/3)
+    assert audit.probe_accuracy(noise[::2], y[::2], noise[1::2], y[1::2], 2) < 0.7
+    with pytest.raises(ValueError, match="no test sample of class 5"):
+        audit.probe_accuracy(noise, y, noise, y, 5)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_penultimate_features_are_the_head_input_under_the_row():
+    torch.manual_seed(0)
+    wf = wfnet.wrap(_Net(), num_classes=3)
+    with torch.no_grad():
+        wf.model.conv.alpha_weight[1].fill_(-6.0)  # row 1 closes every channel and its bias
+        wf.model.conv.alpha_bias[1].fill_(-6.0)
+    head = audit.classifier_head(wf)
+    assert head is wf.model.fc
+    x, y = torch.randn(5, 1, 6, 6), torch.arange(5) % 3
+    f0, labels = audit.penultimate_features(lambda t: wf(t), head, [(x, y)], "cpu")
+    f1, _ = audit.penultimate_features(lambda t: wf(t, forget=1), head, [(x, y)], "cpu")
+    assert f0.shape == (5, 8) and np.array_equal(labels, y.numpy())
+    assert np.abs(f1).max() < 0.01 * np.abs(f0).max() + 1e-6  # sigmoid(-6) = 0.0025 of each channel (+ bias)
+
+
+def test_relearn_fewshot_restores_a_class_only_when_it_trains_and_leaves_the_model_untouched():
+    torch.manual_seed(0)
+    x = torch.randn(90, 1, 6, 6)
+    y = torch.arange(90) % 3
+    x[y == 2] += 2.0  # class 2 is easy to learn
+    model = _Net()
+    with torch.no_grad():
+        model.fc.bias.copy_(torch.tensor([0.0, 0.0, -50.0]))  # class 2 suppressed: Acc_f 0
+    before = [p.clone() for p in model.parameters()]
+    fwd = lambda m, t: m(t)  # noqa: E731
+    acc0 = audit.relearn_fewshot(model, fwd, lambda m: [m.fc.bias], x, y, x, y, 2, steps=1, device="cpu", lr=0.0)
+    assert acc0 == 0.0
+    acc = audit.relearn_fewshot(model, fwd, lambda m: list(m.parameters()), x, y, x, y, 2, steps=60, device="cpu",
+                                lr=0.5)
+    assert acc > 0.5
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
