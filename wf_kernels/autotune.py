@@ -64,7 +64,12 @@ def gemm_configs() -> list:
     if INTERPRET:
         return list(_INTERPRETER)
     configs = _HOPPER if CAPABILITY is not None and CAPABILITY[0] >= 9 else _AMPERE
-    return list(configs) if AUTOTUNE else [configs[2]]
+    if AUTOTUNE:
+        return list(configs)
+    # One config and no tuning: Triton skips early_config_prune then, so it must fit fp32 operands on this device.
+    limit = smem_limit(0) if CAPABILITY is not None else _SMEM_FALLBACK[9]
+    fitting = [c for c in configs if smem_bytes(c, 4) <= limit and accumulators_per_thread(c) <= 128]
+    return [configs[2] if configs[2] in fitting else (fitting or [min(configs, key=lambda c: smem_bytes(c, 4))])[0]]
 
 
 def smem_bytes(config, elem_bytes: int) -> int:
