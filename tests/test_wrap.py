@@ -399,3 +399,237 @@ def test_export_keeps_conv_options():
     plain = wfnet.export(wf, forget=1)
     assert _no_wf_layers(plain)
     torch.testing.assert_close(plain(x), wf(x, forget=1), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Never silently: coverage guard, gradient probe, refusals, folded batches, nn.MultiheadAttention, the plan
+
+class BypassAttention(nn.Module):
+    """An attention class no adapter knows that computes its qkv with F.linear on its qkv module's weight."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = nn.functional.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, -1)
+        return self.proj(nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+class Tokens(nn.Module):
+    def __init__(self, attn, dim=8):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.attn = attn
+        self.aux = nn.Conv2d(dim, dim, 1)  # runs only in training (an auxiliary head)
+        self.head = nn.Linear(dim, NUM_CLASSES)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + self.attn(t)
+        if self.training:
+            t = t + self.aux(t.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+        return self.head(t.mean(1))
+
+
+def test_guard_raises_when_a_filtered_layer_never_runs():
+    wf = wfnet.wrap(Tokens(BypassAttention()).eval(), NUM_CLASSES)
+    assert wf.layer_names == ["attn.qkv", "aux"]  # the generic adapter found qkv; aux is a conv of a hybrid
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(wfnet.CoverageError, match=r"attn\.qkv.*parent .*BypassAttention.*F\.linear"):
+        wf(x, forget=1)
+    with pytest.raises(wfnet.CoverageError, match="BypassAttention"):
+        with wfnet.forgetting(wf, 1):
+            wf.model(x)
+    assert not wf.router.active()
+    assert wf(x).shape == (2, NUM_CLASSES)  # forget=None is the original model: nothing to check
+
+
+def test_allow_unused_is_the_documented_opt_out():
+    model = Tokens(SmallAttention()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(wfnet.CoverageError, match=r"\baux\b"):
+        wfnet.wrap(copy.deepcopy(model), NUM_CLASSES)(x, forget=1)  # eval mode skips the auxiliary conv
+    wf = wfnet.wrap(copy.deepcopy(model), NUM_CLASSES, allow_unused=["au*"])
+    wf(x, forget=1)
+    wf.check_gradient_coverage(x, torch.tensor([1, 2]))  # the allowed layer is not probed either
+    wfnet.wrap(copy.deepcopy(model), NUM_CLASSES, allow_unused=True)(x, forget=1)
+    with pytest.raises(ValueError, match="match no filtered layer"):
+        wfnet.wrap(copy.deepcopy(model), NUM_CLASSES, allow_unused=["nothing*"])
+
+
+class SmallAttention(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def test_gradient_probe_refuses_layers_whose_output_does_not_reach_the_loss():
+    class Detached(SmallAttention):
+        def forward(self, x):
+            q, k, v = self.qkv(x).detach().chunk(3, -1)
+            return nn.functional.scaled_dot_product_attention(q, k, v)
+
+    wf = wfnet.wrap(Tokens(Detached()).eval(), NUM_CLASSES, allow_unused=["aux"])
+    x = torch.randn(2, 3, 8, 8)
+    wf(x, forget=1)  # it runs, so the forward guard passes
+    with pytest.raises(wfnet.CoverageError, match=r"no gate gradient.*attn\.qkv \(parent .*Detached"):
+        wf.check_gradient_coverage(x, torch.tensor([1, 2]))
+    data = [(x[i], i) for i in range(2)]
+    with pytest.raises(wfnet.CoverageError, match="no gate gradient"):
+        wf.probe_coverage(data)
+    assert all(p.grad is None for p in wf.filter_parameters())  # the probe leaves no gradient behind
+
+
+def test_unknown_attention_owning_its_projection_is_refused_at_wrap_time():
+    class OwnProjection(nn.Module):
+        def __init__(self, dim=8):
+            super().__init__()
+            self.in_proj_weight = nn.Parameter(torch.randn(3 * dim, dim))
+            self.qkv = nn.Identity()
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.in_proj_weight)[..., :8]
+
+    class QVBias(BypassAttention):  # BEiT-like biases, but a class no adapter knows
+        def __init__(self, dim=8):
+            super().__init__(dim)
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+
+    for attn, owned in ((OwnProjection(), "in_proj_weight"), (QVBias(), "q_bias")):
+        model = Tokens(attn)
+        plan = wfnet.find_targets(model)
+        assert "attn" in plan.refused and owned in plan.refused["attn"]
+        assert "refused" in plan.summary(NUM_CLASSES)
+        with pytest.raises(wfnet.UnsupportedModelError, match=rf"attn: .*{owned}.*register"):
+            wfnet.wrap(model, NUM_CLASSES)
+        assert all(p.requires_grad for p in model.parameters())  # refused before touching the model
+    mha = nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
+    with pytest.raises(wfnet.UnsupportedModelError, match="add_bias_kv"):
+        wfnet.wrap(nn.Sequential(nn.Conv2d(3, 8, 1), Seq(mha)), NUM_CLASSES)
+
+
+class Seq(nn.Module):
+    """[B, C, H, W] -> tokens -> self-attention -> mean -> logits; ``seq_first`` feeds the MHA [L, B, E]."""
+
+    def __init__(self, mha, seq_first=False):
+        super().__init__()
+        self.mha, self.seq_first = mha, seq_first
+        self.head = nn.Linear(mha.embed_dim, NUM_CLASSES)
+
+    def forward(self, x, mask=None, pad=None, need_weights=False):
+        t = x.flatten(2).transpose(1, 2)
+        if self.seq_first:
+            t = t.transpose(0, 1)
+        out, _ = self.mha(t, t, t, attn_mask=mask, key_padding_mask=pad, need_weights=need_weights)
+        return self.head(out.mean(0 if self.seq_first else 1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_in_projection_matches_the_masked_model(batch_first):
+    torch.manual_seed(0)
+    # L = 8 tokens = 4 * B: a sequence-first [L, B, E] input whose length is a multiple of the batch must still take
+    # the rows from the batch axis (a size coincidence is never read as a folded batch)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), Seq(nn.MultiheadAttention(8, 2, batch_first=batch_first),
+                                                  seq_first=not batch_first)).eval().requires_grad_(False)
+    wf = randomise_gates(wfnet.wrap(copy.deepcopy(model), NUM_CLASSES, targets=["1.mha"]))
+    assert type(wf.model[1].mha) is wfnet.WFMultiheadAttention and wf.plan.targets[0].kind == "in-projection"
+    x = torch.randn(2, 3, 2, 4)
+    rows = torch.tensor([4, 9])
+    mask = torch.rand(8, 8) > 0.7
+    mask.fill_diagonal_(False)
+    pad = torch.zeros(2, 8, dtype=torch.bool)
+    pad[1, 5:] = True
+    for kwargs in ({}, {"mask": mask}, {"pad": pad}, {"mask": mask, "pad": pad, "need_weights": True}):
+        seq = wf.model[1]
+        with torch.no_grad():
+            h = wf.model[0](x)
+            assert torch.equal(seq(h, **kwargs), model[1](h, **kwargs))  # no rows: the original forward
+            with wfnet.forgetting(wf, rows):
+                out = seq(h, **kwargs)
+            ref = torch.cat([wfnet.export(wf, int(r))[1](h[i:i + 1], mask=kwargs.get("mask"),
+                                                          pad=None if pad is None or "pad" not in kwargs
+                                                          else pad[i:i + 1]) for i, r in enumerate(rows)])
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out, model[1](h, **kwargs), atol=1e-4)
+
+
+def test_folded_batch_is_declared_never_inferred():
+    class Windows(nn.Module):
+        """Splits each sample's tokens into 2 windows, sample-major: [B, 8, C] -> [2B, 4, C]."""
+
+        def __init__(self, attn):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, t):
+            b, n, c = t.shape
+            return self.attn(t.reshape(b * 2, n // 2, c)).reshape(b, n, c)
+
+    model = Tokens(Windows(SmallAttention())).eval()
+    model.embed = nn.Conv2d(3, 8, 2, stride=2)  # 8 px inputs -> 16 tokens, two windows of 8 per sample
+    x = torch.randn(3, 3, 8, 8)
+    rows = torch.tensor([1, 5, 1])
+    wf = wfnet.wrap(copy.deepcopy(model), NUM_CLASSES, allow_unused=["aux"])
+    with pytest.raises(ValueError, match=r"attn\.attn\.qkv: input leading size 6 for a batch of 3.*never infers"):
+        wf(x, forget=rows)
+    with torch.no_grad():  # one int row for the whole batch needs no mapping from entries to samples
+        torch.testing.assert_close(wf(x, forget=2), wfnet.export(wf, 2)(x), rtol=1e-5, atol=1e-5)
+    wfnet.adapters.register_folding(Windows, ("attn",), "test windows, sample-major")
+    try:
+        wf = randomise_gates(wfnet.wrap(copy.deepcopy(model), NUM_CLASSES, allow_unused=["aux"]))
+        assert wf.plan.targets[0].folded and wf.filtered_layers()["attn.attn.qkv"].folded_batch
+        with torch.no_grad():
+            out = wf(x, forget=rows)
+            ref = torch.cat([wfnet.export(wf, int(r))(x[i:i + 1]) for i, r in enumerate(rows)])
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    finally:
+        wfnet.adapters._FOLDING.pop(wfnet.adapters._key(Windows))
+
+
+def test_beit_separate_q_v_biases_are_gated_like_a_bias():
+    """Independent reference: BEiT's qkv weight rows and its q_bias / v_bias scaled by the row's gates by hand."""
+    torch.manual_seed(0)
+    original = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
+                                 embed_dim=16, num_heads=2, num_classes=NUM_CLASSES).eval().requires_grad_(False)
+    with torch.no_grad():
+        original.blocks[0].attn.q_bias.normal_()
+        original.blocks[0].attn.v_bias.normal_()
+    wf = randomise_gates(wfnet.wrap(copy.deepcopy(original), NUM_CLASSES))
+    layer = wf.filtered_layers()["blocks.0.attn.qkv"]
+    assert layer.bias is None and layer.alpha_bias.shape == (NUM_CLASSES, 48)
+    x = torch.randn(2, 3, 16, 16)
+    rows = torch.tensor([3, 8])
+    outs = []
+    for n, r in enumerate(rows.tolist()):
+        m = copy.deepcopy(original)
+        attn = m.blocks[0].attn
+        gw, gb = torch.sigmoid(layer.alpha_weight[r]), torch.sigmoid(layer.alpha_bias[r])
+        with torch.no_grad():
+            attn.qkv.weight.mul_(gw[:, None])
+            attn.q_bias.mul_(gb[:16])
+            attn.v_bias.mul_(gb[32:])
+            outs.append(m(x[n:n + 1]))
+    with torch.no_grad():
+        torch.testing.assert_close(wf(x, forget=rows), torch.cat(outs), rtol=1e-5, atol=1e-5)
+
+
+def test_plan_summary_lists_kinds_gates_and_what_is_left_alone():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=NUM_CLASSES)
+    plan = wfnet.find_targets(model)
+    assert plan.names == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"] and list(plan) == plan.names
+    assert plan.gate_parameters(NUM_CLASSES) == 2 * NUM_CLASSES * 2 * 576
+    text = plan.summary(NUM_CLASSES)
+    assert "blocks.0.attn.qkv" in text and "23,040" in text and "patch_embed.proj" in text and "patch embedding" in text
+    assert "head" in text and plan.skipped["head"].startswith("Linear outside")
+    assert plan.one_line(NUM_CLASSES).startswith("filtering 2 layers of VisionTransformer (2 qkv), 23,040 gate")
+    wf = wfnet.wrap(model, NUM_CLASSES)
+    assert wf.summary() == text and wf.kind == "vit"
+    assert wfnet.wrap(SmallCNN(), NUM_CLASSES).kind == "cnn"

@@ -267,7 +267,8 @@ def find_attention(model: nn.Module) -> list[AttentionSite]:
         if adapter is None:
             if isinstance(module, (nn.Linear, nn.Conv2d, FilteredLayer)):
                 continue
-            if not any(n in children and _leaves(children[n], n) for n in PROJECTION_NAMES):
+            owns = any(_OWN_PROJECTION_PARAM.match(n) for n, _ in module.named_parameters(recurse=False))
+            if not owns and not any(n in children and _leaves(children[n], n) for n in PROJECTION_NAMES):
                 continue
             adapter = GENERIC
         site = AttentionSite(name, module, adapter, registered)

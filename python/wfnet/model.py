@@ -291,6 +291,15 @@ class WFModel(nn.Module):
         for layer in self.filtered_layers().values():
             layer._router = self.router
         self.set_allow_unused(allow_unused)
+        # forgetting() frames (by id) -> whether the inner model ran on that frame's rows (then the guard checks it)
+        self._watched: dict[int, bool] = {}
+        model.register_forward_pre_hook(self._note_call)
+
+    def _note_call(self, module, args):
+        if self._watched:
+            frame = self.router.current()
+            if frame is not None and id(frame) in self._watched:
+                self._watched[id(frame)] = True
 
     # ------------------------------------------------------------------------------------------------ coverage
     def set_allow_unused(self, allow_unused: bool | Iterable[str]) -> None:
@@ -366,12 +375,15 @@ class WFModel(nn.Module):
             out = self(x, forget=rows)
             if isinstance(out, (tuple, list)):
                 out = out[0]
-            if not isinstance(out, torch.Tensor) or not out.requires_grad:
-                raise CoverageError(f"{type(self.model).__name__}'s output does not depend on any gate")
-            g = torch.Generator().manual_seed(0)
-            weights = torch.randn(out.shape, generator=g).to(out.device, torch.float32)
-            loss = (out.float() * weights).sum()
-            grads = torch.autograd.grad(loss, [m.alpha_weight for m in layers.values()], allow_unused=True)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"check_gradient_coverage needs a tensor output, got {type(out).__name__}")
+            if out.requires_grad:
+                g = torch.Generator().manual_seed(0)
+                weights = torch.randn(out.shape, generator=g).to(out.device, torch.float32)
+                loss = (out.float() * weights).sum()
+                grads = torch.autograd.grad(loss, [m.alpha_weight for m in layers.values()], allow_unused=True)
+            else:  # the output depends on no gate at all
+                grads = [None] * len(layers)
         norms = [torch.zeros(()) if gr is None else gr.detach().abs().sum().float().cpu() for gr in grads]
         nonzero = torch.stack(norms).gt(0).tolist()
         dead = [n for n, ok in zip(layers, nonzero) if not ok]
@@ -494,12 +506,16 @@ def wrap(model: nn.Module, num_classes: int, targets: Targets = "auto", init: fl
 @contextlib.contextmanager
 def forgetting(wf: WFModel, rows) -> Iterator[WFModel]:
     """Route ``rows`` to ``wf``'s filtered layers for code that calls the inner model directly. On leaving the block
-    (without an exception), the coverage guard checks the forwards run inside it (when any filtered layer ran)."""
+    (without an exception), the coverage guard checks the forwards of the inner model run inside it, if any."""
     if not isinstance(wf, WFModel):
         raise TypeError(f"forgetting() expects a WFModel (from wfnet.wrap), got {type(wf).__name__}")
     with wf.router.route(rows) as frame:
-        yield wf
-    if frame.used:
+        wf._watched[id(frame)] = False
+        try:
+            yield wf
+        finally:
+            ran = wf._watched.pop(id(frame))
+    if ran:
         wf._check_coverage(frame)
 
 
