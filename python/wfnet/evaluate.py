@@ -232,9 +232,10 @@ def _table1(ev: _Evaluator, methods, classes_of, dataset, backbone, max_epochs) 
                                 "zrf": zrf.get(c, {}).get("zrf")} for c in classes}
         row["paper"] = paper_rows.get(paper.normalise_method(method) or "")
         rows.append(row)
+    stamps = {m: {str(c): ev.run.model_stamp(m, c) for c in classes_of[m]} for m in methods}
     return {"dataset": dataset, "backbone": backbone, "num_classes": ev.run.num_classes,
             "paper_available": bool(paper_rows), "zrf_random_seed": ev.zrf_seed, "rt_params": ev.rt_params,
-            "rows": rows}
+            "rows": rows, "stamps": stamps}
 
 
 

@@ -244,6 +244,7 @@ def explain_run(run, layers: Sequence[str] | None = None, force: bool = False, *
     lines = [f"# Explanations: {run.config.get('dataset', '?')} / {run.config.get('model', '?')}", "",
              f"Run `{run.run_dir}`, {run.num_classes} classes, {len(names)} filtered layers. Relevance of channel j "
              "for class c = 1 - sigmoid(alpha_weight[c, j]).", "",
+             f"Gates: `filters.safetensors`, stamp `{run.model_stamp('wfnet')}`.", "",
              "## Gates per layer", "", "![gates](gates_heatmap.png)", "",
              "sigmoid(alpha_weight) of every filtered layer: one row per forgotten class, one column per channel; "
              "dark cells are the channels closed to forget that class.", "", "## Filter maps (paper's Figures 3/4)", ""]

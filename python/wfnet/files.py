@@ -26,6 +26,7 @@ __all__ = ["atomic_write", "write_text", "write_json", "read_json", "json_safe",
 JOURNAL = ".commit.json"
 _STALE = ".stale"
 _STAGE_PREFIX = ".staged-"
+_TMP_SUFFIX = ".wfnet-tmp"  # atomic_write's temp files: ".<name>.<random>.wfnet-tmp"
 
 
 def _umask() -> int:
@@ -60,7 +61,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=_TMP_SUFFIX, dir=directory)
     os.close(fd)
     try:
         write(tmp)
@@ -163,8 +164,10 @@ def _roll_forward(root: Path) -> None:
 
 
 def recover(root) -> bool:
-    """Finish a commit a killed process left half done (roll forward), and sweep leftover staged files and
-    quarantined stale files. Returns True when there was a commit to finish."""
+    """Finish a commit a killed process left half done (roll forward), and sweep what killed processes leave
+    behind: staged files of a commit that never started, quarantined stale files, temp files of
+    :func:`atomic_write`. Call it only while no other process writes under ``root``. Returns True when there was a
+    commit to finish."""
     root = Path(root)
     if not root.is_dir():
         return False
@@ -175,4 +178,6 @@ def recover(root) -> bool:
     shutil.rmtree(root / _STALE, ignore_errors=True)
     for p in root.glob(_STAGE_PREFIX + "*"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in root.rglob("*" + _TMP_SUFFIX):  # a write killed before its rename
+        p.unlink(missing_ok=True)
     return finished

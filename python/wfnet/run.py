@@ -1,9 +1,9 @@
 """Run folders: one folder per experiment, and :class:`Run`, the only code that writes or reads one.
 
     <run>/config.json                 what the run is: model, dataset, data options, training options
-    <run>/train_state.safetensors     resumable training state (while ``train`` runs)
+    <run>/train_state.safetensors     resumable training state (while it runs)
     <run>/original.safetensors        the trained original model; its metadata: training options, test accuracy
-    <run>/untrain_state.safetensors   resumable untraining state, with the untraining options
+    <run>/untrain_state.safetensors   resumable untraining state, with the untraining options (while it runs)
     <run>/filters.safetensors         the trained gates; their metadata: the untraining options they were made with
     <run>/untrain_summary.json        validation history, stop reason, seconds       } each names the gates
     <run>/results.json, results.md    Acc_f / Acc_r of the original and of WF-Net   } (stamp) it describes
@@ -23,6 +23,7 @@ models they were not computed from. :meth:`Run.open` finishes a commit a killed 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import asdict, replace
@@ -90,28 +91,27 @@ def setup(device: str | None = "auto", backend: str | None = None):
     except RuntimeError as exc:
         raise RunError(str(exc)) from None
     if backend is not None:
-        try:
-            set_backend(backend)
-        except ValueError as exc:
-            raise RunError(str(exc)) from None
-        if backend != "auto":
+        if backend != "auto":  # probe first: a failed check leaves the process default as it was
             from .model import wrap
 
             probe = wrap(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1)), 2).to(dev)
             try:
                 with use_backend(backend), torch.no_grad():
                     probe(torch.zeros(1, 1, 2, 2, device=dev), forget=0)
+            except ValueError as exc:
+                raise RunError(str(exc)) from None
             except BackendUnavailableError as exc:
                 reasons = str(exc).splitlines()[1:] or [str(exc)]
                 raise RunError(_one_line(f"--backend {backend} cannot run on {dev}:\n" + "\n".join(reasons))) \
                     from None
+        set_backend(backend)
     return info, dev
 
 
 def _one_line(text: str) -> str:
     """A multi-line message (an error with a list of reasons) as one line."""
     out = ""
-    for line in (ln.strip(" -") for ln in str(text).splitlines()):
+    for line in (re.sub(r"^\s*-\s+", "", ln).strip() for ln in str(text).splitlines()):
         if line:
             out += ("" if not out else " " if out.endswith(":") else "; ") + line
     return out
@@ -396,7 +396,7 @@ class Run:
             raise RunError(f"--resume: the interrupted untraining in {self.run_dir} used other options "
                            f"({differences(read_state_meta(state).get('config') or {}, key)}); resume with those, "
                            f"or start over without --resume")
-        if current == key and not resume:
+        if current == key:
             done = self.results()
             if done is not None:
                 self._say(f"{self.run_dir}: already untrained with these options; results in "
@@ -409,7 +409,7 @@ class Run:
                 wf(bundle.train[0][0][None].to(self.device), forget=0)
         except BackendUnavailableError as exc:
             raise RunError(_one_line(exc)) from None
-        if current == key and not resume and (self.run_dir / UNTRAIN_SUMMARY).exists():
+        if current == key and (self.run_dir / UNTRAIN_SUMMARY).exists():
             # the gates exist, only their results are missing (deleted by hand): evaluate them, no retraining
             from .serialization import load_filters
 
@@ -451,7 +451,7 @@ class Run:
                          self.config["model"])
         root = self.run_dir
         new = [UNTRAIN_SUMMARY, RESULTS_JSON, RESULTS_MD]
-        stale = [*_GATE_DERIVED, *[str(p.relative_to(root)) for p in root.glob("eval/*_wfnet.json")]]
+        stale = [*_GATE_DERIVED, *[str(p.relative_to(root)) for p in root.glob("eval/*_wfnet.json")], UNTRAIN_STATE]
         if new_gates:
             meta = {"stamp": stamp, "original_stamp": self.original_info()["stamp"], "untrain": key,
                     "dataset": self.config["dataset"]}
