@@ -48,7 +48,6 @@ from tqdm.auto import tqdm
 from .config import RECIPES, UntrainConfig, recipe
 from .checkpoint import load_state, optimizer_from_flat, optimizer_to_flat, save_state
 from .distributed import DistInfo, all_reduce_mean, shard
-from .layers import WFLinear
 from .model import WFModel
 
 __all__ = ["UntrainConfig", "recipe", "expand_batch", "untrain_loss", "gate_regulariser", "untrain", "RECIPES",
@@ -56,8 +55,8 @@ __all__ = ["UntrainConfig", "recipe", "expand_batch", "untrain_loss", "gate_regu
 
 
 def model_kind(wf: WFModel) -> str:
-    """"vit" when the filtered layers are attention projections (Linear), else "cnn"."""
-    return "vit" if any(isinstance(m, WFLinear) for m in wf.filtered_layers().values()) else "cnn"
+    """"vit" when attention projections are filtered (any family: qkv Linear, MHA in-projection, ...), else "cnn"."""
+    return wf.kind
 
 
 def expand_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, chi: int, generator: torch.Generator):
