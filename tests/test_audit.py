@@ -76,3 +76,27 @@ def test_relearn_fewshot_restores_a_class_only_when_it_trains_and_leaves_the_mod
                                 lr=0.5)
     assert acc > 0.5
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_hard_export_zeroes_closed_channels_and_reports_them():
+    torch.manual_seed(0)
+    wf = wfnet.wrap(_Net(), num_classes=3)
+    with torch.no_grad():
+        wf.model.conv.alpha_weight[2] = torch.tensor([-6.0, -6.0, 3.0, 3.0, -1.0, 3.0, 0.5, 3.0])
+        wf.model.conv.alpha_bias[2].fill_(3.0)
+    soft = wfnet.export(wf, forget=2)
+    hard = wfnet.export(wf, forget=2, hard=0.3)  # sigmoid(-1) = 0.27 < 0.3 < sigmoid(0.5) = 0.62
+    removed = [0, 1, 4]
+    assert hard.wfnet_export["removed"] == {"conv": [3, 8]} and hard.wfnet_export["hard"] == 0.3
+    assert soft.wfnet_export["removed"] == {"conv": [0, 8]} and soft.wfnet_export["hard"] is None
+    assert torch.all(hard.conv.weight[removed] == 0) and torch.all(hard.conv.bias[removed] == 0)
+    kept = [i for i in range(8) if i not in removed]
+    assert torch.equal(hard.conv.weight[kept], soft.conv.weight[kept])
+    assert torch.equal(hard.conv.bias[kept], soft.conv.bias[kept])
+    assert soft.conv.weight[0].abs().max() > 0  # soft: attenuated (0.25%), not removed
+    assert wfnet.export(wf, forget=2, hard=True).wfnet_export["hard"] == wfnet.model.HARD_EXPORT_THRESHOLD
+    x = torch.randn(4, 1, 6, 6)
+    torch.testing.assert_close(soft(x), wf(x, forget=2), rtol=1e-5, atol=1e-6)
+    for bad in (0.0, 1.5, "0.5"):
+        with pytest.raises(ValueError, match="threshold"):
+            wfnet.export(wf, forget=2, hard=bad)

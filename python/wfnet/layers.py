@@ -108,11 +108,16 @@ class FilteredLayer:
             raise TypeError(f"gate() takes one class row (an int), got {row!r}")
         return torch.sigmoid(alpha[rows.value].float())
 
-    def _baked(self, row):
-        """(weight gates, bias gates or None) of one row, in the layer's dtype, for export."""
-        gw = self.gate(row).to(self.weight.dtype)
-        gb = self.gate(row, "bias").to(self.weight.dtype) if self.alpha_bias is not None else None
-        return gw, gb
+    def _baked(self, row, hard: float | None = None):
+        """(weight gates, bias gates or None, removed-channel mask) of one row, in the layer's dtype, for export.
+        With ``hard``, every output channel whose weight gate is below it is removed: weight AND bias gate 0."""
+        gw = self.gate(row)
+        removed = gw < hard if hard is not None else torch.zeros_like(gw, dtype=torch.bool)
+        gb = self.gate(row, "bias") if self.alpha_bias is not None else None
+        gw = gw.masked_fill(removed, 0.0).to(self.weight.dtype)
+        if gb is not None:
+            gb = gb.masked_fill(removed, 0.0).to(self.weight.dtype)
+        return gw, gb, removed
 
     def _filter_repr(self):
         extra = f", bias_parts={list(self.bias_parts)}" if self.bias_parts else ""
@@ -159,9 +164,9 @@ class WFConv2d(FilteredLayer, nn.Conv2d):
                                        padding, self.dilation, self.groups, backend=None)
 
     @torch.no_grad()
-    def to_plain(self, row: int) -> nn.Conv2d:
-        """A plain nn.Conv2d with row ``row``'s gates baked into its weight and bias."""
-        gw, gb = self._baked(row)
+    def to_plain(self, row: int, hard: float | None = None) -> nn.Conv2d:
+        """A plain nn.Conv2d with row ``row``'s gates baked into its weight and bias (``hard``: see ``_baked``)."""
+        gw, gb, _ = self._baked(row, hard)
         plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                           self.dilation, self.groups, self.bias is not None, self.padding_mode,
                           device=self.weight.device, dtype=self.weight.dtype)
@@ -232,10 +237,10 @@ class WFLinear(FilteredLayer, nn.Linear):
             return ops.linear_prepared(x, weight, bias, self.alpha_weight, alpha_bias, rows, backend=None)
 
     @torch.no_grad()
-    def to_plain(self, row: int) -> nn.Linear:
+    def to_plain(self, row: int, hard: float | None = None) -> nn.Linear:
         """A plain nn.Linear with row ``row``'s gates baked into its weight and bias (a parent's ``bias_parts`` are
-        baked by ``wfnet.export``, which owns the parent)."""
-        gw, gb = self._baked(row)
+        baked by ``wfnet.export``, which owns the parent; ``hard``: see ``_baked``)."""
+        gw, gb, _ = self._baked(row, hard)
         plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight.device,
                           dtype=self.weight.dtype)
         plain.weight.copy_(self.weight * gw.view(-1, 1))
@@ -377,9 +382,10 @@ class WFMultiheadAttention(FilteredLayer, nn.MultiheadAttention):
         return mask
 
     @torch.no_grad()
-    def to_plain(self, row: int) -> nn.MultiheadAttention:
-        """A plain nn.MultiheadAttention with row ``row``'s gates baked into its in-projection."""
-        gw, gb = self._baked(row)
+    def to_plain(self, row: int, hard: float | None = None) -> nn.MultiheadAttention:
+        """A plain nn.MultiheadAttention with row ``row``'s gates baked into its in-projection (``hard``: see
+        ``_baked``)."""
+        gw, gb, _ = self._baked(row, hard)
         plain = nn.MultiheadAttention(self.embed_dim, self.num_heads, self.dropout, self.in_proj_bias is not None,
                                       batch_first=self.batch_first, device=self.in_proj_weight.device,
                                       dtype=self.in_proj_weight.dtype)

@@ -519,27 +519,49 @@ def forgetting(wf: WFModel, rows) -> Iterator[WFModel]:
         wf._check_coverage(frame)
 
 
+# **decision**: the default threshold of a hard export (``hard=True``); measured in docs/threat_model.md.
+HARD_EXPORT_THRESHOLD = 0.5
+
+
 @torch.no_grad()
-def export(wf: WFModel, forget: int) -> nn.Module:
+def export(wf: WFModel, forget: int, hard: bool | float | None = None) -> nn.Module:
     """A plain copy of the inner model with class ``forget``'s gates baked into the weights (no wfnet layers left).
 
-    Its outputs equal ``wf(x, forget=forget)`` up to float rounding (the gate multiplies the weights instead of the
-    layer output). A projection whose bias the parent assembles from its own parameters (``bias_parts``, e.g.
-    BEiT's q_bias / v_bias) gets those parameters scaled too.
+    Soft export (``hard=None``): its outputs equal ``wf(x, forget=forget)`` up to float rounding (the gate multiplies
+    the weights instead of the layer output); a closed channel keeps sigmoid(alpha) of its weights (0.25% at the
+    clamp -6). Hard export (``hard=T``, or ``hard=True`` for ``HARD_EXPORT_THRESHOLD``): every output channel whose
+    weight gate for ``forget`` is below T is removed, i.e. its weights AND bias are zeroed, so those filters'
+    knowledge is not in the exported model at all (docs/threat_model.md).
+
+    A projection whose bias the parent assembles from its own parameters (``bias_parts``, e.g. BEiT's q_bias /
+    v_bias) gets those parameters scaled (and zeroed) too. The returned model carries ``wfnet_export``: a dict with
+    the row, the threshold and, per filtered layer, ``[removed, total]`` output channels.
     """
     if not isinstance(wf, WFModel):
         raise TypeError(f"export() expects a WFModel, got {type(wf).__name__}")
+    if hard is True:
+        hard = HARD_EXPORT_THRESHOLD
+    elif hard is False:
+        hard = None
+    if hard is not None and not (isinstance(hard, (int, float)) and 0.0 < float(hard) <= 1.0):
+        raise ValueError(f"hard must be a gate threshold in (0, 1] (or True for {HARD_EXPORT_THRESHOLD}), got {hard!r}")
+    hard = None if hard is None else float(hard)
     model = copy.deepcopy(wf.model)
+    removed_per_layer = {}
     for name in wf.layer_names:
         layer = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.to_plain(forget))
+        _, gb, removed = layer._baked(forget, hard)
+        removed_per_layer[name] = [int(removed.sum()), int(removed.numel())]
+        setattr(parent, child, layer.to_plain(forget, hard))
         if layer.bias_parts:
-            gb = layer.gate(forget, "bias")
             offset = 0
             for part in layer.bias_parts:
                 t = getattr(parent, part)
                 t.mul_(gb[offset:offset + t.numel()].to(t.dtype))
                 offset += t.numel()
+    model.wfnet_export = {"forget": int(forget), "hard": hard, "removed": removed_per_layer,
+                          "removed_total": sum(r for r, _ in removed_per_layer.values()),
+                          "channels_total": sum(n for _, n in removed_per_layer.values())}
     return model
