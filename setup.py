@@ -78,7 +78,7 @@ ext_modules, cmdclass = cuda_extensions()
 setup(
     packages=find_packages("python") + find_packages(".", include=["wf_kernels", "wf_kernels.*"]),
     package_dir={"": "python", "wf_kernels": "wf_kernels"},
-    package_data={"wf_kernels": ["dispatch_table.json"]},
+    package_data={"wf_kernels": ["dispatch_table.json", "verification.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

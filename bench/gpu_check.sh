@@ -211,7 +211,7 @@ if on test; then
   if [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n "$WORKERS"); fi
   stage test 125 env WFNET_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" \
     tests/test_triton_linear.py tests/test_triton_conv2d.py tests/test_compile.py tests/test_cuda_ext.py \
-    tests/test_ops.py tests/test_layers.py tests/test_backends.py || true
+    tests/test_ops.py tests/test_layers.py tests/test_backends.py tests/test_rows.py || true
 fi
 
 memcheck_one() {  # memcheck_one BACKEND: sanitizer log + the exit status, for record_verification.py

@@ -100,3 +100,35 @@ def test_hard_export_zeroes_closed_channels_and_reports_them():
     for bad in (0.0, 1.5, "0.5"):
         with pytest.raises(ValueError, match="threshold"):
             wfnet.export(wf, forget=2, hard=bad)
+
+
+def test_run_audit_over_subjects_and_classes():
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    n = 120
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 1, 6, 6) + y.view(-1, 1, 1, 1).float()
+    train, val, test = (TensorDataset(x[i * 40:(i + 1) * 40], y[i * 40:(i + 1) * 40]) for i in range(3))
+    net = _Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(60):  # a model that knows the three classes
+        loss = torch.nn.functional.cross_entropy(net(train.tensors[0]), train.tensors[1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    wf = wfnet.wrap(net, num_classes=3)
+    with torch.no_grad():
+        for c in range(3):
+            wf.model.conv.alpha_weight[c].fill_(3.0)
+    subjects = [audit.AuditSubject("original", lambda c: (wf, lambda m, t: m(t)), skip={"relearn_fewshot"}),
+                audit.AuditSubject("WF-Net", lambda c: (wf, lambda m, t, c=c: m(t, forget=c)))]
+    res = audit.run_audit(subjects, train, val, test, [0, 2], "cpu", shots=(5,), steps=3, max_samples=30)
+    assert set(res["per_class"]["original"]) == {"mia", "probe"}
+    assert set(res["per_class"]["WF-Net"]) == {"mia", "probe", "relearn_k5_head", "relearn_k5_full"}
+    assert set(res["per_class"]["WF-Net"]["probe"]) == {0, 2}
+    assert all(0.0 <= v <= 1.0 for r in res["mean"].values() for v in r.values())
+    md = audit.audit_markdown(res)
+    assert "| WF-Net |" in md and "MIA efficacy" in md
+    # the attack trains a copy: the wrapped model's weights are untouched and still frozen
+    assert not any(p.requires_grad for n, p in wf.named_parameters() if "alpha" not in n)

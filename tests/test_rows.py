@@ -161,3 +161,17 @@ def test_untraining_step_syncs_only_for_the_progress_bar(backend):
     with wfnet.use_backend(backend):
         step()  # warm-up
         assert _count_syncs(step) == 1  # the loss parts for the progress bar, fetched in one copy
+
+
+def test_compiled_model_does_not_recompile_for_new_rows():
+    """Row validation under torch.compile leaves no Python state that dynamo would guard on (a counter, a lazily
+    created per-thread stack): one frame for any number of calls with different rows."""
+    import torch._dynamo.testing
+
+    wf = wfnet.wrap(_net(), num_classes=4)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(wf, backend=counter)
+    x = torch.randn(2, 3, 6, 6)
+    for i in range(4):
+        compiled(x, forget=torch.tensor([i % 4, 3 - i % 4]))
+    assert counter.frame_count == 1

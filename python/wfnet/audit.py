@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["true_class_confidence", "mia_efficacy", "probe_accuracy", "classifier_head", "penultimate_features",
-           "relearn_fewshot", "AUDIT_METRICS"]
+           "relearn_fewshot", "AuditSubject", "run_audit", "audit_markdown", "AUDIT_METRICS"]
 
 AUDIT_METRICS = ("mia", "probe", "relearn_fewshot")
 
@@ -171,3 +171,128 @@ def relearn_fewshot(model: nn.Module, forward: Callable[[nn.Module, torch.Tensor
             pred = forward(m, xs[i:i + 256].to(device)).argmax(1).cpu()
             correct += int((pred == ys[i:i + 256]).sum())
     return correct / int(mask.sum())
+
+
+# ----------------------------------------------------------------------------------------------- the audit of a run
+class AuditSubject:
+    """One model under audit, per forgotten class: ``model_for(c)`` returns ``(model, forward)`` where
+    ``forward(model, x)`` gives the logits of the model that forgets c (WF-Net: ``m(x, forget=c)``; an export or a
+    per-class baseline: ``m(x)``). ``skip`` lists the metrics that do not apply (e.g. relearn on the original)."""
+
+    def __init__(self, name: str, model_for: Callable[[int], tuple], skip: Iterable[str] = ()):
+        self.name = name
+        self.model_for = model_for
+        self.skip = set(skip)
+
+
+def _stack(ds, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [ds[int(i)] for i in idx]
+    return torch.stack([torch.as_tensor(x) for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
+
+
+def _pick(labels: torch.Tensor, mask: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    idx = torch.nonzero(mask).flatten()
+    return idx[torch.randperm(idx.numel(), generator=gen)[:n]] if idx.numel() > n else idx
+
+
+@torch.no_grad()
+def _logits(model, forward, x: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
+    return torch.cat([forward(model, x[i:i + batch].to(device)).float().cpu() for i in range(0, x.shape[0], batch)])
+
+
+def run_audit(subjects: list[AuditSubject], train_ds, val_ds, test_ds, classes: Iterable[int], device,
+              metrics: Iterable[str] = AUDIT_METRICS, shots: tuple[int, ...] = (10, 50), steps: int = 50,
+              max_samples: int = 1000, seed: int = 0, progress: bool = False) -> dict:
+    """Every audit metric for every subject and class; returns ``{"per_class": {subject: {metric: {c: value}}},
+    "mean": {subject: {metric: value}}, "protocol": {...}}``.
+
+    Protocol (**decision**, fixed seeds): MIA members = up to ``max_samples`` retain-class training samples,
+    non-members = as many retain-class test samples, target = up to ``max_samples`` class-c training samples. Probe
+    fitted on up to ``max_samples`` validation samples of all classes, scored on class c's test samples. Relearn:
+    pool = ``k`` class-c training images + ``k`` per retain class, ``steps`` SGD steps, head only and full network,
+    scored on class c's test samples (metrics ``relearn_k{k}_head`` / ``relearn_k{k}_full``).
+    """
+    from tqdm.auto import tqdm
+
+    from .data import labels_of
+
+    metrics = list(metrics)
+    unknown = set(metrics) - set(AUDIT_METRICS)
+    if unknown:
+        raise ValueError(f"unknown audit metric(s) {sorted(unknown)}: choose from {', '.join(AUDIT_METRICS)}")
+    classes = list(classes)
+    y_train, y_val, y_test = labels_of(train_ds), labels_of(val_ds), labels_of(test_ds)
+    per_class: dict = {s.name: {} for s in subjects}
+    gen = torch.Generator().manual_seed(seed)
+    probe_idx = torch.randperm(len(y_val), generator=gen)[:max_samples]
+    probe_x, probe_y = _stack(val_ds, probe_idx)
+    bar = tqdm(total=len(classes) * len(subjects), desc="audit", disable=not progress, dynamic_ncols=True)
+    for c in classes:
+        g = torch.Generator().manual_seed(seed * 7919 + c)
+        member_x, member_y = _stack(train_ds, _pick(y_train, y_train != c, max_samples, g))
+        nonmember_x, nonmember_y = _stack(test_ds, _pick(y_test, y_test != c, max_samples, g))
+        target_x, target_y = _stack(train_ds, _pick(y_train, y_train == c, max_samples, g))
+        eval_x, eval_y = _stack(test_ds, torch.nonzero(y_test == c).flatten())
+        pools = {}
+        for k in shots:
+            idx = torch.cat([_pick(y_train, y_train == r, k, g) for r in sorted(set(y_train.tolist()))])
+            pools[k] = _stack(train_ds, idx)
+        for s in subjects:
+            model, forward = s.model_for(c)
+            out = per_class[s.name]
+            if "mia" in metrics and "mia" not in s.skip:
+                conf = [true_class_confidence(_logits(model, forward, x, device), y)
+                        for x, y in ((member_x, member_y), (nonmember_x, nonmember_y), (target_x, target_y))]
+                out.setdefault("mia", {})[c] = mia_efficacy(*conf, seed=seed)
+            if "probe" in metrics and "probe" not in s.skip:
+                head = classifier_head(model)
+                run = lambda t, m=model, f=forward: f(m, t)  # noqa: E731
+                fx, fy = penultimate_features(run, head, _batches(probe_x, probe_y), device)
+                tx, ty = penultimate_features(run, head, _batches(eval_x, eval_y), device)
+                out.setdefault("probe", {})[c] = probe_accuracy(fx, fy, tx, ty, c)
+            if "relearn_fewshot" in metrics and "relearn_fewshot" not in s.skip:
+                for k, (px, py) in pools.items():
+                    for mode, params in (("head", lambda m: list(classifier_head(m).parameters())),
+                                         ("full", _attackable)):
+                        out.setdefault(f"relearn_k{k}_{mode}", {})[c] = relearn_fewshot(
+                            model, forward, params, px, py, eval_x, eval_y, c, steps, device, seed=seed)
+            bar.update(1)
+    bar.close()
+    mean = {name: {m: float(np.mean(list(v.values()))) for m, v in res.items()} for name, res in per_class.items()}
+    return {"per_class": per_class, "mean": mean, "classes": classes,
+            "protocol": {"max_samples": max_samples, "shots": list(shots), "steps": steps, "seed": seed,
+                         "mia": "SVC(C=3, rbf) on true-class confidence; members: retain-class train, non-members: "
+                                "retain-class test, target: class-c train; value = fraction judged non-member",
+                         "probe": "logistic regression on standardised penultimate features of validation samples "
+                                  "(all classes); value = accuracy on class-c test samples",
+                         "relearn": f"SGD lr 0.01 momentum 0.9, {steps} steps, batch <= 64, pool = k class-c + k per "
+                                    f"retain class training images; value = Acc_f after the attack"}}
+
+
+def _batches(x, y, batch: int = 256):
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, x.shape[0], batch)]
+
+
+def _attackable(model: nn.Module) -> list:
+    """Every weight an attacker who holds the model can fine-tune: all parameters except wfnet's gate logits (a
+    WF-Net model is attacked with its row-c gates held fixed)."""
+    return [p for n, p in model.named_parameters() if not n.rsplit(".", 1)[-1].startswith("alpha_")]
+
+
+def audit_markdown(result: dict, title: str = "Audit") -> str:
+    """The mean-over-classes audit table (one row per subject), with what each column means."""
+    cols = []
+    for res in result["mean"].values():
+        for m in res:
+            if m not in cols:
+                cols.append(m)
+    names = {"mia": "MIA efficacy (up)", "probe": "probe acc. on c (down)"}
+    head = [names.get(c, c.replace("relearn_", "Acc_f after ") + " (down)") for c in cols]
+    lines = [f"## {title}", "", f"Mean over classes {result['classes']}; values in [0, 1].", "",
+             "| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(cols)]
+    for name, res in result["mean"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{res[c]:.3f}" if c in res else "-" for c in cols) + " |")
+    p = result["protocol"]
+    lines += ["", f"- MIA: {p['mia']}.", f"- Probe: {p['probe']}.", f"- Relearn: {p['relearn']}.",
+              f"- Up to {p['max_samples']} samples per set, seed {p['seed']}."]
+    return "\n".join(lines) + "\n"

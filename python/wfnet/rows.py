@@ -69,7 +69,8 @@ class Rows:
             if batch is not None and rows.batch is not None and rows.batch != batch:
                 raise _shape_error(batch, [rows.batch])
             return rows
-        VALIDATIONS[0] += 1
+        if not torch.compiler.is_compiling():  # a Python counter in a compiled region would guard and recompile
+            VALIDATIONS[0] += 1
         if isinstance(rows, bool):
             raise TypeError("forget rows must be an int or an integer tensor, got a bool")
         if isinstance(rows, int):
@@ -87,7 +88,7 @@ class Rows:
             if torch.compiler.is_compiling():
                 rows = rows.reshape(1)
             else:
-                VALIDATIONS[0] -= 1  # counted once, in the recursive call
+                VALIDATIONS[0] -= 1  # counted once, in the recursive call (never reached while compiling)
                 return cls.prepare(int(rows), num_classes, batch)
         if rows.dim() != 1:
             if batch is not None:
@@ -214,6 +215,7 @@ class RowRouter:
     def __init__(self, num_classes: int):
         self.num_classes = int(num_classes)
         self._local = threading.local()
+        self._local.stack = []  # made now for this thread: torch.compile would otherwise recompile after call one
 
     @property
     def _stack(self) -> list:
@@ -232,6 +234,7 @@ class RowRouter:
     def __setstate__(self, state):
         self.num_classes = state["num_classes"]
         self._local = threading.local()
+        self._local.stack = []
 
     @contextlib.contextmanager
     def route(self, rows, batch: int | None = None) -> Iterator[RouteFrame]:
