@@ -144,9 +144,11 @@ def test_python_dash_m(tmp_path):
     assert out.returncode == 0 and out.stdout.startswith("wfnet ")
 
 
-def test_demo_at_reduced_size(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert run_cli("demo", "--quick", "--image-size", "8", "--out", out, "--no-progress") == 0
+def test_demo_at_reduced_size(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "demo-quick"  # its own default folder: `wfnet demo` (runs/demo) is another run
+    assert run_cli("demo", "--quick", "--image-size", "8", "--no-progress") == 0
+    assert not (tmp_path / "runs" / "demo").exists()
     printed = capsys.readouterr().out
     assert "# Table 1: digits / small_cnn" in printed and "demo finished" in printed
     for f in ("config.json", "original.safetensors", "filters.safetensors", "results.json", "results.md",

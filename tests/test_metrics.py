@@ -123,6 +123,32 @@ def test_accuracy_forget_retain_known_values():
     assert r["acc_f"] == 50.0 and r["acc_r"] == 100.0
 
 
+def test_accuracy_and_labels_helpers():
+    labels = [0, 1, 2, 3] * 5
+    loader = _label_loader(labels)
+    assert M.accuracy(LabelEcho(4), loader) == 100.0
+    assert M.accuracy(LabelEcho(4, forget=1), loader) == 75.0  # class 1 (5 of 20 samples) always wrong
+    ds = loader.dataset
+    assert M.labels_of(ds).tolist() == labels
+    assert M.labels_of(torch.utils.data.Subset(ds, [3, 1])).tolist() == [3, 1]
+
+    class Plain(torch.utils.data.Dataset):  # no tensors, no targets: read through a loader
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(2), 2 - i
+
+    assert M.labels_of(Plain()).tolist() == [2, 1, 0]
+
+
+def test_zrf_from_logits_is_zrf_of_the_softmaxes():
+    torch.manual_seed(2)
+    logits, rlogits = torch.randn(9, 5) * 4, torch.randn(9, 5)
+    assert M.zrf_from_logits(logits, rlogits) == pytest.approx(
+        M.zrf(torch.softmax(logits.double(), 1), torch.softmax(rlogits.double(), 1)), abs=1e-12)
+
+
 def test_accuracy_absent_class_is_nan_and_left_out_of_mean():
     loader = _label_loader([0, 1, 0, 1])
     res = M.accuracy_forget_retain_shared(LabelEcho(3), loader, classes=range(3))

@@ -139,7 +139,7 @@ class _Evaluator:
         from tqdm import tqdm
         return tqdm(items, desc=desc, disable=not self.progress or not items)
 
-    def cache(self, metric: str, method: str, params: dict) -> _Cache:
+    def cache(self, metric: str, method: str, params: dict, force: bool | None = None) -> _Cache:
         stamps: dict = {}
 
         def stamp(c):
@@ -148,7 +148,7 @@ class _Evaluator:
                 stamps[key] = self.run.model_stamp(method, c)
             return stamps[key]
 
-        return _Cache(self.eval_dir / f"{metric}_{method}.json", params, self.force, stamp)
+        return _Cache(self.eval_dir / f"{metric}_{method}.json", params, self.force if force is None else force, stamp)
 
     # metrics ---------------------------------------------------------------------------------------------------
     def acc(self, method: str, classes: list[int]) -> dict[int, dict]:
@@ -213,9 +213,9 @@ def _table1(ev: _Evaluator, methods, classes_of, dataset, backbone, max_epochs) 
     rows = []
     for method in methods:
         classes = classes_of[method]
-        acc = ev.cache("acc", method, {"metric": "acc"}).get(classes)
-        zrf = ev.cache("zrf", method, {"metric": "zrf", "random_seed": ev.zrf_seed}).get(classes)
-        rt = ev.cache("rt", method, {"metric": "rt", **ev.rt_params}).get(classes)
+        acc = ev.cache("acc", method, {"metric": "acc"}, force=False).get(classes)
+        zrf = ev.cache("zrf", method, {"metric": "zrf", "random_seed": ev.zrf_seed}, force=False).get(classes)
+        rt = ev.cache("rt", method, {"metric": "rt", **ev.rt_params}, force=False).get(classes)
         row = {"method": method, "model": _label(method), "classes": classes,
                "acc_r": _mean(v["acc_r"] for v in acc.values()) if len(acc) == len(classes) else None,
                "acc_f": _mean(v["acc_f"] for v in acc.values()) if len(acc) == len(classes) else None,
@@ -241,7 +241,7 @@ def _table1(ev: _Evaluator, methods, classes_of, dataset, backbone, max_epochs) 
 
 def _table2(ev: _Evaluator, methods, classes, dataset, backbone) -> dict:
     steps = M.gate_steps(ev.insdel_steps).tolist()
-    res = ev.cache("insdel", "wfnet", {"metric": "insdel", "steps": steps}).get(classes) if "wfnet" in methods \
+    res = ev.cache("insdel", "wfnet", {"metric": "insdel", "steps": steps}, force=False).get(classes) if "wfnet" in methods \
         else {}
     complete = len(res) == len(classes)
     row = {"method": "wfnet", "model": "WF-Net", "classes": classes,

@@ -38,13 +38,13 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .data import labels_of
 from .model import WFModel
 
 __all__ = [
-    "Forward", "predict", "accuracy", "dataset_labels", "class_subset", "forget_retain_from_predictions",
+    "Forward", "predict", "accuracy", "labels_of", "class_subset", "forget_retain_from_predictions",
     "accuracy_forget_retain", "accuracy_forget_retain_shared", "js_divergence", "zrf", "zrf_bad_teaching",
     "zrf_from_logits", "zrf_score", "zrf_bad_teaching_score", "bad_teaching_from_logits", "RelearnResult", "relearn_time",
     "summarize_relearn",
@@ -98,12 +98,9 @@ def predict(forward: Forward, loader: Iterable, device=None) -> tuple[torch.Tens
     return torch.cat(logits), torch.cat(labels)
 
 
-dataset_labels = labels_of  # the one labels helper lives in wfnet.data
-
-
 def class_subset(dataset: Dataset, c: int, labels: torch.Tensor | None = None) -> Subset:
     """The samples of ``dataset`` whose label is ``c`` (raises ValueError when there are none)."""
-    labels = dataset_labels(dataset) if labels is None else labels
+    labels = labels_of(dataset) if labels is None else labels
     idx = torch.nonzero(labels == c).flatten().tolist()
     if not idx:
         raise ValueError(f"the dataset has no sample of class {c}")
@@ -335,7 +332,9 @@ def relearn_time(model: nn.Module, train_set: Dataset, eval_loader: Iterable, ta
         raise ValueError("the training set is empty")
     device = _resolve_device(model, device)
 
-    m = copy.deepcopy(model).to(device)
+    # channels_last: the same computation (up to float rounding), ~1.4x faster training steps on the CPU (measured
+    # on the demo's small CNN, fwd + bwd, batch 64)
+    m = copy.deepcopy(model).to(device, memory_format=torch.channels_last)
     if is_wf:
         for p in m.model.parameters():
             p.requires_grad_(True)
@@ -355,34 +354,57 @@ def relearn_time(model: nn.Module, train_set: Dataset, eval_loader: Iterable, ta
             if isinstance(mod, nn.modules.batchnorm._NormBase):
                 mod.eval()
 
+    # The class-c samples are read once, onto the device; every check reuses them.
+    eval_batches = [(_to(x, device), y.to(device)) for x, y in map(_split_batch, eval_loader)]
     m.eval()
-    accs = [accuracy(forward, eval_loader, device)]
+    accs = [accuracy(forward, eval_batches, device)]
     # A small tolerance only absorbs float noise: both accuracies are ratios of counts.
     if accs[0] >= target_acc - 1e-9:
         return RelearnResult(0, accs, target_acc)
 
     fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
+    tensors = _tensors_of(train_set)  # (inputs, labels) of an in-memory dataset: batches by indexing, no collate
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         for epoch in tqdm(range(1, max_epochs + 1), desc="relearn", disable=not progress, leave=False):
-            idx = torch.randperm(n_train, generator=gen)[:samples_per_epoch].tolist()
-            loader = DataLoader(Subset(train_set, idx), batch_size=batch_size, shuffle=False,
-                                num_workers=num_workers)
+            idx = torch.randperm(n_train, generator=gen)[:samples_per_epoch]
+            if tensors is not None:
+                batches = ((tensors[0][i], tensors[1][i]) for i in idx.split(batch_size))
+            else:
+                batches = map(_split_batch, DataLoader(Subset(train_set, idx.tolist()), batch_size=batch_size,
+                                                       shuffle=False, num_workers=num_workers))
             set_train()
-            for batch in loader:
-                x, y = _split_batch(batch)
-                x, y = x.to(device, non_blocking=True), y.to(device).long()
+            for x, y in batches:
+                x, y = _to(x, device), y.to(device).long()
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(forward(x), y)
                 loss.backward()
                 opt.step()
             m.eval()
-            accs.append(accuracy(forward, eval_loader, device))
+            accs.append(accuracy(forward, eval_batches, device))
             if accs[-1] >= target_acc - 1e-9:
                 return RelearnResult(epoch, accs, target_acc)
     return RelearnResult(None, accs, target_acc)
+
+
+def _to(x: torch.Tensor, device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _tensors_of(ds: Dataset):
+    """(inputs, labels) tensors of a TensorDataset or a Subset of one, else None."""
+    if isinstance(ds, Subset):
+        inner = _tensors_of(ds.dataset)
+        if inner is None:
+            return None
+        idx = torch.as_tensor(list(ds.indices), dtype=torch.long)
+        return inner[0][idx], inner[1][idx]
+    if isinstance(ds, TensorDataset) and len(ds.tensors) >= 2:
+        return ds.tensors[0], ds.tensors[1]
+    return None
 
 
 def summarize_relearn(epochs: Sequence[int | None], max_epochs: int) -> dict:
