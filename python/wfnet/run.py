@@ -215,6 +215,10 @@ class Run:
                 resume = False
         elif out.exists() and any(out.iterdir()):
             raise RunError(f"{out} exists and is neither empty nor a wfnet run folder; choose another --out")
+        if info.enabled:  # every rank has checked the folder before rank 0 writes to it
+            import torch.distributed as dist
+
+            dist.barrier()
         try:
             torch.manual_seed(train.seed)  # the same initialisation as build_model(seed=train.seed)
             model = build_model(data.model, bundle.num_classes, bundle.in_chans, spec["image_size"])
@@ -281,6 +285,9 @@ class Run:
             raise RunError(f"{path} does not exist: the original model is not trained yet (`wfnet train --out "
                            f"{self.run_dir} --resume` finishes an interrupted training)")
         meta = read_state_meta(path)
+        if "stamp" not in meta:
+            raise RunError(f"{path} was written by an older wfnet that did not record its options; train it again "
+                           f"into a new folder")
         if meta.get("train") != self.config.get("train"):
             raise RunError(f"{path} was trained with other options than {CONFIG} says "
                            f"({differences(meta.get('train') or {}, self.config.get('train') or {})})")
@@ -451,8 +458,10 @@ class Run:
                          self.config["model"])
         root = self.run_dir
         new = [UNTRAIN_SUMMARY, RESULTS_JSON, RESULTS_MD]
-        stale = [*_GATE_DERIVED, *[str(p.relative_to(root)) for p in root.glob("eval/*_wfnet.json")], UNTRAIN_STATE]
-        if new_gates:
+        stale = []
+        if new_gates:  # what described the old gates leaves as the new ones land
+            stale = [*_GATE_DERIVED, *[str(p.relative_to(root)) for p in root.glob("eval/*_wfnet.json")],
+                     UNTRAIN_STATE]
             meta = {"stamp": stamp, "original_stamp": self.original_info()["stamp"], "untrain": key,
                     "dataset": self.config["dataset"]}
             save_filters(wf, files.staging_path(root, FILTERS), meta)
