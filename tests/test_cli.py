@@ -103,6 +103,18 @@ def test_untrain_and_baselines(trained_run, tmp_path, capsys):
     assert run.baseline_model("negative-gradients", 3)(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
 
 
+def test_untrain_targets_from_the_command_line(trained_run, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained_run, run_dir)
+    assert run_cli("untrain", run_dir, "--targets", "features.4,features.8", "--max-epochs", "1", "--force",
+                   "--no-progress") == 0
+    run = Run.open(run_dir)
+    assert run.untrain_options()["targets"] == ["features.4", "features.8"]
+    assert run.wrapped().layer_names == ["features.4", "features.8"]
+
+
 def test_retrain_baseline_excludes_the_class(tmp_path):
     out = tmp_path / "r"
     assert run_cli("train", "--out", out, *TINY) == 0

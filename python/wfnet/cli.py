@@ -181,8 +181,9 @@ def run_untrain(args):
     info, device = _setup(args)
     run = _open(args, info, device)
     opts = values_of(args, UntrainConfig)
-    if opts["targets"] == ["auto"] or opts["targets"] == "auto":
-        opts["targets"] = "auto"
+    targets = opts["targets"]  # "auto", or module names / glob patterns, comma-separated (a list in a config file)
+    if isinstance(targets, str) and targets != "auto":
+        opts["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
     res = run.untrain(run.untrain_config(**opts), force=args.force, resume=args.resume,
                       progress=not args.no_progress)
     if res is not None:
