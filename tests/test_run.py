@@ -233,6 +233,11 @@ def test_open_errors_say_what_is_wrong(tmp_path, untrained):
     fresh = Run.train(tmp_path / "fresh", DATA, TRAIN, progress=False, log=False)
     with pytest.raises(RunError, match="untrain first"):
         fresh.wrapped()
+    # a run with no gates yet evaluates what it has: the original model
+    rows = fresh.evaluate(EvalConfig(metrics=["acc"]), progress=False)["table1"]["rows"]
+    assert [r["method"] for r in rows] == ["original"]
+    with pytest.raises(RunError, match="untrain first"):
+        fresh.evaluate(EvalConfig(metrics=["acc"], methods=["wfnet"]), progress=False)
 
 
 def test_interrupted_training_is_resumed_or_replaced(tmp_path, monkeypatch):

@@ -286,7 +286,9 @@ def evaluate_run(run, *, metrics: Sequence[str] = METRICS, force: bool = False, 
     if bad:
         raise ValueError(f"classes {bad} are out of range: num_classes={run.num_classes}")
     baselines = list(run.baseline_methods())
-    methods = ["original", *baselines, "wfnet"] if methods is None else list(methods)
+    if methods is None:  # WF-Net once the run has gates
+        methods = ["original", *baselines] + (["wfnet"] if run.model_stamp("wfnet") is not None else [])
+    methods = list(methods)
     for m in methods:
         if m not in ("original", "wfnet") and m not in baselines:
             raise ValueError(f"method {m!r} is not in this run; it has original, wfnet and {baselines}")
