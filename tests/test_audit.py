@@ -132,3 +132,24 @@ def test_run_audit_over_subjects_and_classes():
     assert "| WF-Net |" in md and "MIA efficacy" in md
     # the attack trains a copy: the wrapped model's weights are untouched and still frozen
     assert not any(p.requires_grad for n, p in wf.named_parameters() if "alpha" not in n)
+
+
+def test_evaluate_writes_the_audit_table_next_to_table1(tmp_path):
+    """`wfnet evaluate --metrics mia,probe,relearn_fewshot` on a tiny run: eval/audit.{md,json} with the reference
+    rows, and the stamps of the models it measured."""
+    import json
+
+    from wfnet.cli import main
+
+    run = tmp_path / "run"
+    common = ["--no-progress", "--device", "cpu"]
+    assert main(["train", "--out", str(run), "--epochs", "1", "--train-limit", "300", "--test-limit", "200",
+                 *common]) == 0
+    assert main(["untrain", str(run), "--max-epochs", "1", *common]) == 0
+    assert main(["evaluate", str(run), "--metrics", "mia,probe,relearn_fewshot", "--classes", "0,3",
+                 "--audit-shots", "5", "--audit-steps", "2", "--audit-samples", "60", *common]) == 0
+    res = json.loads((run / "eval" / "audit.json").read_text())
+    assert set(res["mean"]) == {"original", "WF-Net (row c)", "WF-Net hard export (T=0.5)"}
+    assert set(res["mean"]["WF-Net (row c)"]) == {"mia", "probe", "relearn_k5_head", "relearn_k5_full"}
+    assert res["classes"] == [0, 3] and res["stamps"]["wfnet"]
+    assert "| WF-Net (row c) |" in (run / "eval" / "audit.md").read_text()

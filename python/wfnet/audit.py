@@ -37,7 +37,7 @@ import torch.nn.functional as F
 __all__ = ["true_class_confidence", "mia_efficacy", "probe_accuracy", "classifier_head", "penultimate_features",
            "relearn_fewshot", "AuditSubject", "run_audit", "audit_markdown", "AUDIT_METRICS"]
 
-AUDIT_METRICS = ("mia", "probe", "relearn_fewshot")
+from .config import AUDIT_METRICS  # noqa: E402  (the metric names, defined once)
 
 
 # ----------------------------------------------------------------------------------------------------------- MIA

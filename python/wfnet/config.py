@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-__all__ = ["MODEL_NAMES", "DATASET_NAMES", "METRICS", "BASELINE_METHODS", "RECIPES", "DataConfig", "TrainConfig",
+__all__ = ["MODEL_NAMES", "DATASET_NAMES", "METRICS", "AUDIT_METRICS", "BASELINE_METHODS", "RECIPES", "DataConfig", "TrainConfig",
            "UntrainConfig", "BaselineConfig", "EvalConfig", "ExplainConfig", "recipe", "default_train_epochs"]
 
 MODEL_NAMES = ("small_cnn", "vgg16", "resnet18", "vit_tiny", "vit_small")
 DATASET_NAMES = ("digits", "mnist", "cifar10", "imagenet", "imagefolder")
 METRICS = ("acc", "zrf", "rt", "insdel")
+AUDIT_METRICS = ("mia", "probe", "relearn_fewshot")  # the unlearning audit (wfnet.audit), on request
 BASELINE_METHODS = ("retrain", "random-labels", "negative-gradients")
 RECIPES = ("paper", "tuned")
 
@@ -123,7 +124,9 @@ class BaselineConfig:
 @dataclass
 class EvalConfig:
     """Table 1 (Acc_r, Acc_f, ZRF, RT) and Table 2 (insertion, deletion): ``wfnet evaluate``."""
-    metrics: list[str] | None = opt_list(f"comma-separated subset of {','.join(METRICS)} (default: all)", METRICS)
+    metrics: list[str] | None = opt_list(f"comma-separated subset of {','.join(METRICS + AUDIT_METRICS)} (default: "
+                                         f"{','.join(METRICS)}; the audit metrics {','.join(AUDIT_METRICS)} on request, "
+                                         f"written to eval/audit.md)", METRICS + AUDIT_METRICS)
     methods: list[str] | None = opt_list("comma-separated subset of original, wfnet and the baselines present "
                                     "(default: all)")
     classes: list[int] | None = opt_list("comma-separated class ids (default: all)")
@@ -135,6 +138,10 @@ class EvalConfig:
     insdel_steps: int = opt(21, "points on the insertion / deletion curves")
     zrf_seed: int = opt(12345, "seed of the random network ZRF compares against")
     batch_size: int = opt(256, "evaluation batch size")
+    audit_samples: int = opt(1000, "audit: samples per set (MIA members / non-members / targets, probe fit)")
+    audit_shots: list[int] | None = opt_list("audit: images of the class per k-shot relearning attack (default: 10,50)")
+    audit_steps: int = opt(50, "audit: SGD steps of each relearning attack")
+    hard_threshold: float = opt(0.5, "audit: gate threshold of the hard export it also audits")
 
 
 @dataclass

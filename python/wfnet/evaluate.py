@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from . import files
 from . import metrics as M
 from . import paper
-from .config import EvalConfig, METRICS
+from .config import AUDIT_METRICS, EvalConfig, METRICS
 from .report import mean as _mean
 from .report import method_label as _label
 from .report import table1_md, table2_md
@@ -263,7 +263,7 @@ def evaluate_run(run, *, metrics: Sequence[str] = METRICS, force: bool = False, 
                  rt_samples_per_epoch: int = 500, rt_lr: float = 0.01, rt_batch_size: int = 64, rt_seed: int = 0,
                  insdel_steps: int | Sequence[float] = 21, zrf_seed: int = DEFAULT_ZRF_SEED, batch_size: int = 256,
                  num_workers: int = 0, methods: Sequence[str] | None = None, classes: Sequence[int] | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, audit_options: dict | None = None) -> dict:
     """Compute the requested metrics for every method of the run and write Tables 1 and 2 under ``run_dir/eval``.
 
     ``metrics``: any of "acc" (Acc_f / Acc_r), "zrf", "rt" (relearn time; needs the original's per-class accuracy,
@@ -272,9 +272,9 @@ def evaluate_run(run, *, metrics: Sequence[str] = METRICS, force: bool = False, 
     The tables always report whatever is cached (a metric not computed yet shows "n/a"). Returns
     ``{"table1": {...}, "table2": {...}}`` (the JSON written to table1.json / table2.json).
     """
-    unknown = sorted(set(metrics) - set(METRICS))
+    unknown = sorted(set(metrics) - set(METRICS) - set(AUDIT_METRICS))
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose among {list(METRICS)}")
+        raise ValueError(f"unknown metric(s) {unknown}; choose among {list(METRICS + AUDIT_METRICS)}")
     if rt_max_epochs < 0:
         raise ValueError("rt_max_epochs must be >= 0")
     rt = {"max_epochs": int(rt_max_epochs), "samples_per_epoch": int(rt_samples_per_epoch), "lr": float(rt_lr),
@@ -316,7 +316,59 @@ def evaluate_run(run, *, metrics: Sequence[str] = METRICS, force: bool = False, 
         files.write_json(files.staging_path(root, f"eval/{name}.json"), {"table1": t1, "table2": t2}[name])
         files.write_text(files.staging_path(root, f"eval/{name}.md"), md[name])
     files.commit(root, new=[f"eval/{n}.{ext}" for n in ("table1", "table2") for ext in ("json", "md")])
-    return {"table1": files.json_safe(t1), "table2": files.json_safe(t2), "markdown": md["table1"] + "\n" +
-            md["table2"]}
+    out = {"table1": files.json_safe(t1), "table2": files.json_safe(t2), "markdown": md["table1"] + "\n" +
+           md["table2"]}
+    requested = [m for m in AUDIT_METRICS if m in metrics]
+    if requested:
+        result = audit_run(run, requested, methods, classes_of, progress=progress, **(audit_options or {}))
+        out["audit"] = result
+        out["markdown"] += "\n" + result["markdown"]
+    return out
+
+
+def audit_run(run, metrics: Sequence[str], methods: Sequence[str], classes_of: dict, *, samples: int = 1000,
+              shots: Sequence[int] = (10, 50), steps: int = 50, hard_threshold: float = 0.5,
+              progress: bool = True) -> dict:
+    """The unlearning audit (:mod:`wfnet.audit`) of the run's models, written to ``eval/audit.{md,json}``.
+
+    Subjects: the original (reference; no relearning attack), WF-Net run with row c, its hard export at
+    ``hard_threshold``, and every baseline present ("retrain" is the reference a forgetting method is compared
+    with). Classes: those every audited baseline has. The JSON names the stamps of the models it measured, so a
+    reader can tell when it no longer describes the run's models.
+    """
+    from . import audit
+    from .model import export
+
+    data = run.data
+    orig = run.original_model()
+    subjects = [audit.AuditSubject("original", lambda c: (orig, lambda m, t: m(t)), skip={"relearn_fewshot"})]
+    stamps = {"original": run.model_stamp("original")}
+    if "wfnet" in methods:
+        wf = run.wrapped()
+        subjects.append(audit.AuditSubject("WF-Net (row c)", lambda c: (wf, lambda m, t, c=c: m(t, forget=c))))
+        subjects.append(audit.AuditSubject(
+            f"WF-Net hard export (T={hard_threshold:g})",
+            lambda c: (export(wf, forget=c, hard=hard_threshold).eval(), lambda m, t: m(t))))
+        stamps["wfnet"] = run.model_stamp("wfnet")
+    baselines = [m for m in methods if m not in ("original", "wfnet")]
+    for method in baselines:
+        subjects.append(audit.AuditSubject(_label(method), lambda c, method=method: (run.baseline_model(method, c),
+                                                                                      lambda m, t: m(t))))
+    classes = sorted(set.intersection(*[set(classes_of[m]) for m in methods if classes_of.get(m)]))
+    if not classes:
+        raise ValueError("the audit needs classes that every audited model has; run the baselines on common "
+                         "classes or choose --methods")
+    for method in baselines:
+        stamps[method] = {c: run.model_stamp(method, c) for c in classes}
+    result = audit.run_audit(subjects, data.train, data.val, data.test, classes, run.device, metrics=metrics,
+                             shots=tuple(shots), steps=steps, max_samples=samples, progress=progress)
+    title = f"Audit: {run.config.get('dataset', '?')} / {run.config.get('model', '?')}"
+    md = audit.audit_markdown(result, title)
+    payload = {**result, "stamps": stamps, "hard_threshold": hard_threshold}
+    root = Path(run.run_dir)
+    files.write_json(files.staging_path(root, "eval/audit.json"), files.json_safe(payload))
+    files.write_text(files.staging_path(root, "eval/audit.md"), md)
+    files.commit(root, new=["eval/audit.json", "eval/audit.md"])
+    return {**files.json_safe(payload), "markdown": md}
 
 

@@ -596,7 +596,9 @@ class Run:
                                 rt_seed=o.rt_seed, insdel_steps=o.insdel_steps, zrf_seed=o.zrf_seed,
                                 batch_size=o.batch_size, methods=o.methods,
                                 classes=None if o.classes is None else [int(c) for c in o.classes],
-                                progress=progress)
+                                progress=progress,
+                                audit_options=dict(samples=o.audit_samples, shots=tuple(o.audit_shots or (10, 50)),
+                                                   steps=o.audit_steps, hard_threshold=o.hard_threshold))
         except ValueError as exc:
             raise RunError(str(exc)) from None
 
