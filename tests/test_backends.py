@@ -216,3 +216,16 @@ def test_explicit_fused_backend_is_honoured_even_where_auto_would_not_pick_it():
     assert resolve_backend("linear", "auto", args).name == "torch"
     if not torch.cuda.is_available():
         assert resolve_backend("linear", "triton", args).name == "triton"
+
+
+def test_backend_status_says_what_imports_what_runs_here_and_what_auto_picks(monkeypatch):
+    from wfnet.backends import backend_status
+
+    st = backend_status("cpu")
+    assert set(st) == {"naive", "torch", "triton", "cuda"}
+    assert st["torch"] == {"imports": True, "runs_here": True, "why_not": None, "auto_picks": True,
+                           "auto": "tried 1 of 1"}
+    assert st["naive"]["runs_here"] and not st["naive"]["auto_picks"] and st["naive"]["auto"] == "never (reference)"
+    for name in ("triton", "cuda"):  # never "runs here" silently: a reason whenever it cannot
+        assert st[name]["runs_here"] or st[name]["why_not"] is None
+        assert st[name]["runs_here"] or st[name]["why_not"]

@@ -633,3 +633,12 @@ def test_plan_summary_lists_kinds_gates_and_what_is_left_alone():
     wf = wfnet.wrap(model, NUM_CLASSES)
     assert wf.summary() == text and wf.kind == "vit"
     assert wfnet.wrap(SmallCNN(), NUM_CLASSES).kind == "cnn"
+
+
+def test_wrapping_an_already_wrapped_model_says_so():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
+    wf = wfnet.wrap(net, num_classes=3)
+    with pytest.raises(TypeError, match="already wrapped"):
+        wfnet.wrap(wf, num_classes=3)
+    with pytest.raises(TypeError, match="already wrapped: it holds wfnet filtered layers"):
+        wfnet.wrap(wf.model, num_classes=3)

@@ -477,7 +477,12 @@ def wrap(model: nn.Module, num_classes: int, targets: Targets = "auto", init: fl
     :meth:`WFModel.set_allow_unused`). ``wrapped.plan`` / ``wrapped.summary()`` tell what was filtered.
     """
     if isinstance(model, WFModel):
-        raise TypeError("model is already wrapped")
+        raise TypeError("model is already wrapped (a WFModel); wrap the original model, or use this WFModel")
+    filtered = [n for n, m in model.named_modules() if isinstance(m, FilteredLayer)]
+    if filtered:
+        raise TypeError(f"{type(model).__name__} is already wrapped: it holds wfnet filtered layers ({filtered[:3]}"
+                        f"{' ...' if len(filtered) > 3 else ''}); use the WFModel that wrap() returned, or "
+                        f"wfnet.export() for a plain model")
     plan = find_targets(model, targets)
     plan.raise_if_refused()
     if not plan.targets:

@@ -32,6 +32,7 @@ from typing import Iterator
 __all__ = [
     "BackendUnavailableError",
     "available_backends",
+    "backend_status",
     "get_backend",
     "resolve_backend",
     "set_backend",
@@ -126,8 +127,38 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def available_backends() -> dict[str, str | None]:
-    """Map every backend name to None if it imports, else the import error (useful for diagnostics)."""
+    """Map every backend name to None if it imports, else the import error. Whether each can also RUN on a device
+    here, and whether "auto" picks it, is :func:`backend_status`."""
     return {name: (None if _load(name) is not None else _import_errors.get(name)) for name in _BACKEND_MODULES}
+
+
+def backend_status(device="cpu") -> dict[str, dict]:
+    """For every backend: whether it imports, whether it can run a filtered conv and linear on ``device`` here, and
+    why not; plus whether "auto" would choose it there (and why). ``available_backends()`` only says what imports."""
+    import torch
+
+    from ..rows import Rows
+
+    device = torch.device(device)
+    order, auto_reason = auto_choice(device)
+    x = torch.zeros(1, 2, 3, 3, device=device)
+    conv = dict(x=x, weight=torch.zeros(2, 2, 1, 1, device=device), bias=torch.zeros(2, device=device),
+                alpha_weight=torch.zeros(2, 2, device=device), alpha_bias=torch.zeros(2, 2, device=device),
+                rows=Rows.prepare(0, 2).bind(x), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
+    xl = torch.zeros(1, 3, 2, device=device)
+    lin = dict(x=xl, weight=torch.zeros(2, 2, device=device), bias=None, alpha_weight=conv["alpha_weight"],
+               alpha_bias=None, rows=Rows.prepare(0, 2).bind(xl))
+    status = {}
+    for name in _BACKEND_MODULES:
+        imported = _load(name) is not None
+        reasons = [] if imported else [_import_errors[name]]
+        if imported:
+            reasons = list(dict.fromkeys(_reasons(name, "conv2d", conv) + _reasons(name, "linear", lin)))
+        status[name] = {"imports": imported, "runs_here": not reasons, "why_not": "; ".join(reasons) or None,
+                        "auto_picks": name == order[0],
+                        "auto": f"tried {order.index(name) + 1} of {len(order)}" if name in order
+                        else ("never (reference)" if name == "naive" else "not tried: " + auto_reason)}
+    return status
 
 
 def _verification_table() -> dict:
