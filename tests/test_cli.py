@@ -171,3 +171,45 @@ def test_demo_at_reduced_size(tmp_path, capsys, monkeypatch):
     assert "wfnet" in json.dumps(t1)
     res = json.loads((out / "results.json").read_text())
     assert res["wf_net"]["acc_f"] < res["original"]["acc_f"]  # forgetting happened
+
+
+def test_inspect_lists_what_wrap_would_filter(capsys):
+    from wfnet.cli import main
+
+    assert main(["inspect", "--model", "small_cnn", "--dataset", "digits", "--backends", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "features.0" in out and "conv" in out and "gate parameters" in out and "left alone" in out
+    assert "torch   auto picks it; runs here" in out
+    assert main(["inspect", "--model", "no_such_model_xyz"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_export_writes_a_plain_model_that_forgets_the_class(tmp_path, capsys):
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import wfnet
+    from wfnet.cli import main
+
+    run = tmp_path / "run"
+    common = ["--no-progress", "--device", "cpu"]
+    assert main(["train", "--out", str(run), "--epochs", "1", "--train-limit", "200", "--test-limit", "100",
+                 *common]) == 0
+    assert main(["untrain", str(run), "--max-epochs", "1", *common]) == 0
+    assert "filtering 3 layers of SmallCNN" in capsys.readouterr().out  # the untrain one-line plan
+    out = tmp_path / "m.safetensors"
+    assert main(["export", str(run), "--forget", "2", "--hard", "0.99", "--out", str(out), *common]) == 0
+    with safe_open(str(out), "pt") as f:
+        report = json.loads(f.metadata()["wfnet_export"])
+    assert report["forget"] == 2 and report["hard"] == 0.99
+    r = wfnet.Run.open(run, device="cpu")
+    plain = r.original_model()
+    plain.load_state_dict(load_file(str(out)))  # a plain model of the run's architecture
+    ref = wfnet.export(r.wrapped(), forget=2, hard=0.99)
+    x = torch.stack([r.data.test[i][0] for i in range(8)])
+    torch.testing.assert_close(plain(x), ref(x))
+    assert main(["export", str(run), "--forget", "2", "--out", str(tmp_path / "m.pt"), *common]) == 2
+    assert main(["export", str(run), "--forget", "2", "--hard", "2", "--out", str(out), *common]) == 2

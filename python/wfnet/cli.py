@@ -264,6 +264,101 @@ def run_demo(args):
           f"filters.safetensors, results.md, eval/, explain/report.md)")
 
 
+def configure_inspect(p):
+    p.add_argument("--model", default="small_cnn", help="a model name as for `wfnet train --model` (default: "
+                                                         "small_cnn)")
+    p.add_argument("--dataset", default="digits", help="the dataset it is for: sets the classes, channels and image "
+                                                       "size (default: digits)")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the dataset's, "
+                                                                "raised to the model's minimum)")
+    p.add_argument("--num-classes", type=int, default=None, help="number of classes (default: the dataset's)")
+    p.add_argument("--targets", default="auto", help="auto, or comma-separated module names / glob patterns "
+                                                      "(default: auto)")
+    p.add_argument("--backends", action="store_true", help="also list every backend: imports, runs on --device "
+                                                           "here, chosen by auto (default: off)")
+
+
+def run_inspect(args):
+    """What `wrap` would filter in a model (layers, kinds, gate parameters), what it leaves alone and why."""
+    from .data import _NATIVE
+    from .model import UnsupportedModelError, find_targets
+    from .models import build_model
+    from .run import model_spec
+
+    if args.dataset not in _NATIVE:
+        raise CLIError(f"unknown dataset {args.dataset!r}: choose one of {', '.join(_NATIVE)}")
+    in_chans = _NATIVE[args.dataset][0]
+    spec = model_spec(args.model, args.dataset, args.image_size)
+    num_classes = args.num_classes or {"digits": 10, "mnist": 10, "cifar10": 10, "imagenet": 1000}.get(args.dataset)
+    if not num_classes:
+        raise CLIError(f"--num-classes is needed for --dataset {args.dataset}")
+    try:
+        model = build_model(args.model, num_classes, in_chans, spec["image_size"])
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    targets = args.targets if args.targets == "auto" else [t.strip() for t in args.targets.split(",") if t.strip()]
+    try:
+        plan = find_targets(model, targets)
+    except (UnsupportedModelError, TypeError, ValueError) as exc:
+        raise CLIError(f"{args.model} cannot be wrapped: {exc}") from None
+    print(f"{args.model} for {args.dataset} ({in_chans}x{spec['image_size']}x{spec['image_size']}, "
+          f"{num_classes} classes)\n")
+    print(plan.summary(num_classes))
+    if args.backends:
+        from .backends import backend_status
+        from .distributed import resolve_device
+
+        device = resolve_device(args.device, None) if args.device != "auto" else "cpu"
+        print(f"\nbackends on {device}:")
+        for name, st in backend_status(device).items():
+            state = "runs here" if st["runs_here"] else f"cannot run here: {st['why_not']}"
+            print(f"  {name:7s} {'auto picks it' if st['auto_picks'] else 'auto: ' + st['auto']}; {state}")
+
+
+def configure_export(p):
+    _run_arg(p)
+    p.add_argument("--forget", type=int, required=True, help="the class the exported model forgets (required)")
+    p.add_argument("--hard", type=float, nargs="?", const=-1.0, default=None, metavar="T",
+                   help="hard export: zero the weights and bias of every channel whose gate for the class is below T "
+                        "(--hard alone: the default threshold 0.5; default: off, a soft export scales them)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (required)")
+
+
+def run_export(args):
+    """A plain model (no wfnet layers) that forgot one class, as a safetensors state dict with its description."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from . import files
+    from .model import HARD_EXPORT_THRESHOLD, export
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise CLIError(f"--out must end in .safetensors, got {out}")
+    info, device = _setup(args)
+    run = _open(args, info, device)
+    if not 0 <= args.forget < run.num_classes:
+        raise CLIError(f"--forget {args.forget} is out of range: the run has classes 0..{run.num_classes - 1}")
+    hard = HARD_EXPORT_THRESHOLD if args.hard == -1.0 else args.hard
+    try:
+        model = export(run.wrapped(), forget=args.forget, hard=hard)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    report = model.wfnet_export
+    meta = {"wfnet_export": json.dumps(report), "run": str(Path(run.run_dir).resolve()),
+            "model": str(run.config.get("model")), "dataset": str(run.config.get("dataset")),
+            "gates_stamp": str(run.model_stamp("wfnet"))}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    files.atomic_write(out, lambda tmp: save_file(state, tmp, metadata=meta))
+    kind = f"hard (gate < {report['hard']:g} removed)" if report["hard"] is not None else "soft (gates scaled in)"
+    print(f"wrote {out}: {run.config.get('model')} forgetting class {args.forget}, {kind}; "
+          f"{report['removed_total']} of {report['channels_total']} filtered channels removed")
+    for name, (removed, total) in report["removed"].items():
+        if removed:
+            print(f"  {name}: {removed}/{total}")
+
+
 @dataclass
 class Command:
     help: str
@@ -282,6 +377,10 @@ COMMANDS = {
                         run_evaluate),
     "explain": Command("filter maps, gate heatmaps and insertion/deletion curves (PNG + report.md)",
                        configure_explain, run_explain),
+    "inspect": Command("what wrap would filter in a model (layers, kinds, gates), what it leaves alone and why",
+                       configure_inspect, run_inspect),
+    "export": Command("a plain model that forgot one class (soft, or hard: closed channels zeroed) as safetensors",
+                      configure_export, run_export),
     "demo": Command("the whole job on the embedded digits: train, untrain, baselines, evaluate, explain",
                     configure_demo, run_demo),
 }

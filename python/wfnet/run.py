@@ -410,6 +410,7 @@ class Run:
                           f"{self.run_dir / RESULTS_MD}")
                 return {**done, "markdown": (self.run_dir / RESULTS_MD).read_text(encoding="utf-8")}
         wf = self.wrapped(gates=False, targets=cfg.targets)
+        self._say(f"{self.run_dir}: {wf.plan.one_line(wf.num_classes)}")
         bundle = self.data
         try:  # the real model on one real sample: an unusable backend fails here, before any training
             with torch.no_grad():
