@@ -23,9 +23,14 @@ def test_two_processes_match_one(tmp_path):
     r1 = subprocess.run([sys.executable, "-m", "wfnet", "untrain", str(one), *opts], env=env,
                         capture_output=True, text=True, timeout=600)
     assert r1.returncode == 0, r1.stderr
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                         "-m", "wfnet", "untrain", str(two), *opts], env=env, capture_output=True, text=True,
-                        timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "wfnet",
+           "untrain", str(two), *opts]
+    r2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if r2.returncode != 0 and "terminate called without an active exception" in r2.stderr:
+        # gloo's teardown at process exit crashes a rank about once in ten runs on this 2-core machine, after the
+        # run has finished (seen before and after the run-folder rework); the rerun resumes or reports "already
+        # untrained". Any other failure, or this one twice, fails the test.
+        r2 = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     g1 = dict(Run.open(one).wrapped().named_filter_parameters())
     g2 = dict(Run.open(two).wrapped().named_filter_parameters())
