@@ -359,6 +359,32 @@ def run_export(args):
             print(f"  {name}: {removed}/{total}")
 
 
+def configure_reproduce(p):
+    from .reproduce import BACKBONES, PROFILES
+
+    p.add_argument("--out", default="runs/reproduce", help="folder for one run folder per backbone and the combined "
+                                                           "report (default: runs/reproduce)")
+    p.add_argument("--dataset", default="mnist", help="mnist, cifar10, imagenet, ... (default: mnist)")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset (default: $WFNET_DATA_ROOT)")
+    p.add_argument("--models", type=_csv(str, BACKBONES), default=list(BACKBONES),
+                   help=f"comma-separated subset of {','.join(BACKBONES)} (default: all)")
+    p.add_argument("--profile", default="cpu", choices=tuple(PROFILES),
+                   help="cpu: what 2 CPU cores allow (subsets, few epochs, baselines for a few classes; written "
+                        "into the report); paper: the paper's settings (default: cpu)")
+
+
+def run_reproduce(args):
+    """train -> untrain -> baselines -> evaluate -> explain per backbone; finished stages are skipped."""
+    from .reproduce import reproduce
+
+    info, device = _setup(args)
+    try:
+        reproduce(args.out, args.dataset, args.models, args.profile, device=device, data_root=args.data_root,
+                  progress=not args.no_progress)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
 @dataclass
 class Command:
     help: str
@@ -381,6 +407,8 @@ COMMANDS = {
                        configure_inspect, run_inspect),
     "export": Command("a plain model that forgot one class (soft, or hard: closed channels zeroed) as safetensors",
                       configure_export, run_export),
+    "reproduce": Command("the paper's Tables 1/2 per backbone beside the paper's rows: every stage, resumable",
+                         configure_reproduce, run_reproduce),
     "demo": Command("the whole job on the embedded digits: train, untrain, baselines, evaluate, explain",
                     configure_demo, run_demo),
 }

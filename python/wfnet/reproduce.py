@@ -1,0 +1,215 @@
+"""``wfnet reproduce``: the paper's Tables 1 and 2 per backbone, in one command, beside the paper's rows.
+
+For every backbone: train -> untrain (tuned recipe; also the paper recipe, in a sibling folder, for the backbones of
+``paper_recipe_for``) -> baselines -> evaluate -> explain, each in its own run folder ``OUT/<backbone>``. Every stage
+is a :class:`wfnet.Run` method, so a finished stage is skipped (the run folder says it is done with these options)
+and an interrupted one resumes from its state file. Then one combined Table 1 / Table 2 (markdown + JSON) with the
+paper's rows beside ours, a figure (Acc_r / Acc_f of every model, ours vs the paper's) and the wall time of every
+stage, in ``OUT/``.
+
+Profiles (the settings are written into the report):
+
+* ``paper``: the paper's settings: the full training set, full training, every baseline for every class, RT up to
+  100 epochs. Meant for a GPU.
+* ``cpu``: what 2 CPU cores allow, each backbone end to end in about an hour: fixed training subsets, few epochs,
+  baselines for a few classes only (said in the table), the RT cap lowered. Calibrated by measurement in
+  ``docs/results/calibration_mnist_cpu.md``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import files, paper
+from .config import BaselineConfig, DataConfig, EvalConfig, ExplainConfig, TrainConfig
+
+__all__ = ["PROFILES", "BACKBONES", "reproduce", "combined_tables"]
+
+BACKBONES = ("vgg16", "resnet18", "vit_tiny", "vit_small")
+
+# Per profile and backbone: data limits, training options, untraining overrides, baselines and their classes, and
+# evaluation options. **decision** values of the cpu profile: docs/results/calibration_mnist_cpu.md.
+_CPU_COMMON = {"data": {"train_limit": 20000, "test_limit": None},
+               "untrain": {"max_epochs": 2, "val_per_epoch": 2},
+               "baselines": {"methods": ["retrain", "random-labels", "negative-gradients"], "classes": [0, 1]},
+               "eval": {"rt_max_epochs": 30}}
+PROFILES: dict[str, dict[str, dict]] = {
+    "cpu": {
+        "vgg16": {**_CPU_COMMON, "train": {"epochs": 2, "batch_size": 128, "lr": 0.05}},
+        "resnet18": {**_CPU_COMMON, "train": {"epochs": 2, "batch_size": 128, "lr": 0.05}},
+        "vit_tiny": {**_CPU_COMMON, "train": {"epochs": 4, "batch_size": 128, "lr": 1e-3, "optimizer": "adam",
+                                              "weight_decay": 0.0}},
+        "vit_small": {**_CPU_COMMON, "train": {"epochs": 3, "batch_size": 128, "lr": 5e-4, "optimizer": "adam",
+                                               "weight_decay": 0.0}},
+    },
+    "paper": {b: {"data": {"train_limit": None, "test_limit": None}, "train": {},
+                  "untrain": {"max_epochs": 50},
+                  "baselines": {"methods": ["retrain", "random-labels", "negative-gradients"], "classes": None},
+                  "eval": {"rt_max_epochs": 100}}
+              for b in BACKBONES},
+}
+
+
+def _stage(times: dict, name: str, fn):
+    t0 = time.time()
+    out = fn()
+    times[name] = round(time.time() - t0, 1)
+    return out
+
+
+def _paper_recipe_folder(run_dir: Path) -> Path:
+    """A sibling run folder holding the same original model, for the paper recipe's gates."""
+    sib = run_dir.with_name(run_dir.name + "-paper-recipe")
+    if not (sib / "original.safetensors").exists():
+        sib.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "original.safetensors"):
+            shutil.copy2(run_dir / name, sib / name)
+    return sib
+
+
+def reproduce(out, dataset: str = "mnist", models=BACKBONES, profile: str = "cpu", device=None,
+              data_root: str | None = None, paper_recipe_for=("resnet18", "vit_tiny"), progress: bool = True,
+              log=print) -> dict:
+    """Run every stage for every backbone in ``models`` under ``out`` and write the combined report."""
+    from .run import Run
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    unknown = [m for m in models if m not in PROFILES[profile]]
+    if unknown:
+        raise ValueError(f"no {profile} profile for {unknown}: choose among {', '.join(PROFILES[profile])}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timing = files.read_json(out / "timing.json") if (out / "timing.json").exists() else {}
+    for model in models:
+        p = PROFILES[profile][model]
+        run_dir = out / model
+        times = timing.setdefault(model, {})
+        log(f"== {model} ({profile} profile) in {run_dir}")
+        data = DataConfig(model=model, dataset=dataset, data_root=data_root, **p["data"])
+        run = _stage(times, "train", lambda: Run.train(
+            run_dir, data, TrainConfig(**p["train"]), device=device, progress=progress,
+            resume=(run_dir / "train_state.safetensors").exists(), log=log))
+        _stage(times, "untrain", lambda: run.untrain(
+            run.untrain_config(**p["untrain"]), progress=progress,
+            resume=(run_dir / "untrain_state.safetensors").exists()))
+        if model in paper_recipe_for:
+            sib = Run.open(_paper_recipe_folder(run_dir), device=device, data_root=data_root, log=log)
+            _stage(times, "untrain_paper_recipe", lambda: sib.untrain(
+                sib.untrain_config(recipe="paper", **p["untrain"]), progress=progress,
+                resume=(sib.run_dir / "untrain_state.safetensors").exists()))
+            _stage(times, "evaluate_paper_recipe", lambda: sib.evaluate(
+                EvalConfig(metrics=["acc", "zrf"], methods=["wfnet"]), progress=progress))
+        b = p["baselines"]
+        _stage(times, "baselines", lambda: run.baselines(b["methods"], b["classes"], BaselineConfig(),
+                                                         progress=progress))
+        _stage(times, "evaluate", lambda: run.evaluate(EvalConfig(**p["eval"]), progress=progress))
+        _stage(times, "explain", lambda: run.explain(ExplainConfig(), progress=progress))
+        times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
+        files.write_json(out / "timing.json", timing)
+    report = combined_tables(out, dataset, models, profile, timing)
+    log(report["markdown"])
+    return report
+
+
+def _row_values(row: dict | None) -> dict:
+    if not row:
+        return {}
+    return {k: row.get(k) for k in ("acc_r", "acc_f", "zrf", "rt")}
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, str):
+        return v
+    return f"{100 * v:.1f}" if pct else f"{v:.2f}"
+
+
+def combined_tables(out, dataset: str, models, profile: str, timing: dict | None = None) -> dict:
+    """The combined Table 1 / Table 2 (ours beside the paper's) and the figure, from each backbone's ``eval/``."""
+    out = Path(out)
+    t1_rows, t2_rows = [], []
+    for model in models:
+        for folder, recipe in ((out / model, "tuned"), (out / f"{model}-paper-recipe", "paper")):
+            t1 = folder / "eval" / "table1.json"
+            if not t1.exists():
+                continue
+            table = json.loads(t1.read_text())
+            for row in table["rows"]:
+                if recipe == "paper" and row["method"] != "wfnet":
+                    continue
+                classes = row["classes"]
+                t1_rows.append({"backbone": model, "method": row["method"], "model": row["model"], "recipe": recipe,
+                                "classes": classes, "acc_r": row["acc_r"], "acc_f": row["acc_f"], "zrf": row["zrf"],
+                                "rt": row.get("rt"), "paper": _row_values(row.get("paper"))})
+            t2 = folder / "eval" / "table2.json"
+            if recipe == "tuned" and t2.exists():
+                for row in json.loads(t2.read_text())["rows"]:
+                    t2_rows.append({"backbone": model, "insertion": row["insertion"], "deletion": row["deletion"],
+                                    "paper": row.get("paper")})
+    md = [f"# Table 1: {dataset}, ours beside the paper's ({profile} profile)", "",
+          "| backbone | model | classes | Acc_r ours | Acc_r paper | Acc_f ours | Acc_f paper | ZRF ours | ZRF paper "
+          "| RT ours | RT paper |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in t1_rows:
+        name = r["model"] + (" (paper recipe)" if r["recipe"] == "paper" else "")
+        n = len(r["classes"])
+        p = r["paper"] if r["recipe"] == "tuned" or r["method"] == "wfnet" else {}
+        md.append(f"| {r['backbone']} | {name} | {'all' if n >= 10 else r['classes']} | {_fmt(r['acc_r'])} | "
+                  f"{_fmt(p.get('acc_r'))} | {_fmt(r['acc_f'])} | {_fmt(p.get('acc_f'))} | {_fmt(r['zrf'], True)} | "
+                  f"{_fmt(p.get('zrf'), True)} | {r['rt'] or 'n/a'} | {_fmt(p.get('rt'))} |")
+    md += ["", f"# Table 2: {dataset}, insertion / deletion of WF-Net", "",
+           "| backbone | Ins ours | Ins paper | Del ours | Del paper |", "|---|---|---|---|---|"]
+    for r in t2_rows:
+        p = r["paper"] or {}
+        md.append(f"| {r['backbone']} | {_fmt(r['insertion'])} | {_fmt(p.get('insertion'))} | "
+                  f"{_fmt(r['deletion'])} | {_fmt(p.get('deletion'))} |")
+    if timing:
+        stages = list(dict.fromkeys(k for t in timing.values() for k in t))
+        md += ["", "# Wall time per stage (s)", "", "| backbone | " + " | ".join(stages) + " |",
+               "|---|" + "---|" * len(stages)]
+        for model, t in timing.items():
+            md.append(f"| {model} | " + " | ".join(str(t.get(s, "-")) for s in stages) + " |")
+    md += ["", f"Settings of the `{profile}` profile per backbone:", "", "```json",
+           json.dumps({m: PROFILES[profile][m] for m in models}, indent=1), "```"]
+    text = "\n".join(md) + "\n"
+    payload = {"dataset": dataset, "profile": profile, "settings": {m: PROFILES[profile][m] for m in models},
+               "table1": t1_rows, "table2": t2_rows, "timing": timing or {}}
+    files.write_json(out / "combined.json", files.json_safe(payload))
+    files.write_text(out / "combined.md", text)
+    if t1_rows:
+        _figure(t1_rows, out / "combined.png", dataset)
+    return {**payload, "markdown": text}
+
+
+def _figure(rows, path: Path, dataset: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = list(dict.fromkeys(r["backbone"] for r in rows))
+    fig, axes = plt.subplots(1, len(backbones), figsize=(4.2 * len(backbones), 3.6), squeeze=False)
+    for ax, bb in zip(axes[0], backbones):
+        mine = [r for r in rows if r["backbone"] == bb]
+        labels = [r["model"] + (" (paper rec.)" if r["recipe"] == "paper" else "") for r in mine]
+        x = range(len(mine))
+        w = 0.2
+        for k, (key, color) in enumerate((("acc_r", "tab:blue"), ("acc_f", "tab:red"))):
+            ours = [r[key] or 0 for r in mine]
+            theirs = [(r["paper"] or {}).get(key) for r in mine]
+            ax.bar([i + (2 * k - 1.5) * w for i in x], ours, w, color=color, label=f"{key} ours")
+            ax.bar([i + (2 * k - 0.5) * w for i in x], [t or 0 for t in theirs], w, color=color, alpha=0.35,
+                   hatch="//", label=f"{key} paper")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{bb} on {dataset}")
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
