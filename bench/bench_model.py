@@ -52,6 +52,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench_ops import count_host_syncs  # noqa: E402  (one sync counter for the benchmarks; bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 MODELS = ("resnet18", "vgg16", "vit_small")
@@ -119,19 +121,6 @@ def _quantiles(bench, fn, **kw):
         return float(bench(fn, return_mode="median", **kw)), None, None
 
 
-def count_syncs(fn) -> int:
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
 def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -157,7 +146,7 @@ def measure(fn, device: str, quick: bool, rss: PeakRSS, graph: bool) -> dict:
         fn()
         torch.cuda.synchronize()
         res["peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-        res["syncs"] = count_syncs(fn)
+        res["syncs"] = count_host_syncs(fn)
         med, lo, hi = _quantiles(triton.testing.do_bench, fn, warmup=10 if quick else 50, rep=50 if quick else 300)
         res.update(ms=med, p20_ms=lo, p80_ms=hi)
         if graph:
@@ -234,11 +223,10 @@ def plain_step_fn(model, x_cpu, y_cpu, device, dtype):
 
 
 def wf_step_fn(wf, x_cpu, y_cpu, device, dtype):
-    """The body of wfnet.untrain.untrain's loop (tuned recipe: Adam on the gates, clamp)."""
-    from wfnet.untrain import expand_batch, recipe, untrain_loss
+    """One step of wfnet.untrain.untrain's loop (``untrain_step``; tuned recipe: Adam on the gates, clamp)."""
+    from wfnet.untrain import recipe, untrain_step
 
-    cfg = recipe("tuned", "vit" if any(isinstance(m, torch.nn.Linear) and type(m).__name__ == "WFLinear"
-                                       for m in wf.modules()) else "cnn")
+    cfg = recipe("tuned", wf.kind)
     params = list(wf.filter_parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)
     step = [0]
@@ -246,16 +234,8 @@ def wf_step_fn(wf, x_cpu, y_cpu, device, dtype):
     def fn():
         gen = torch.Generator().manual_seed(step[0])
         step[0] += 1
-        inputs, rows, labels, nf = expand_batch(x_cpu, y_cpu, wf.num_classes, cfg.chi, gen)
-        with autocast(device, dtype):
-            logits = wf(inputs.to(device), forget=rows)
-        loss, _parts = untrain_loss(logits, labels.to(device), nf, params, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for p in params:
-                p.clamp_(-cfg.alpha_clamp, cfg.alpha_clamp)
+        with autocast(device, dtype):  # autocast covers the forward; the backward follows the recorded dtypes
+            untrain_step(wf, params, opt, x_cpu, y_cpu, wf.num_classes, cfg, gen, device)
     return fn
 
 

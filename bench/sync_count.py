@@ -81,21 +81,12 @@ def build(device, num_classes=10):
 
 def untrain_step_fn(wf, x_cpu, y_cpu, device, cfg, opt, params, step):
     """One step of wfnet.untrain.untrain's loop body (same calls, same order)."""
-    from wfnet.untrain import expand_batch, untrain_loss
+    from wfnet.untrain import untrain_step
 
     def fn():
         gen = torch.Generator().manual_seed(1000 + step[0])
         step[0] += 1
-        inputs, rows, labels, nf = expand_batch(x_cpu, y_cpu, wf.num_classes, cfg.chi, gen)
-        logits = wf(inputs.to(device), forget=rows)
-        loss, parts = untrain_loss(logits, labels.to(device), nf, params, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for p in params:
-                p.clamp_(-cfg.alpha_clamp, cfg.alpha_clamp)
-        return parts
+        return untrain_step(wf, params, opt, x_cpu, y_cpu, wf.num_classes, cfg, gen, device)
     return fn
 
 

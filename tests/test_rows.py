@@ -151,12 +151,7 @@ def test_untraining_step_syncs_only_for_the_progress_bar(backend):
     x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 4, (16,))
 
     def step():
-        inputs, rows, labels, nf = U.expand_batch(x, y, 4, cfg.chi, torch.Generator().manual_seed(0))
-        logits = wf(U._to_device(inputs, "cuda"), forget=rows)
-        loss, parts = U.untrain_loss(logits, U._to_device(labels, "cuda"), nf, params, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        U.untrain_step(wf, params, opt, x, y, 4, cfg, torch.Generator().manual_seed(0), "cuda")
 
     with wfnet.use_backend(backend):
         step()  # warm-up

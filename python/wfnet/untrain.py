@@ -50,7 +50,7 @@ from .checkpoint import load_state, optimizer_from_flat, optimizer_to_flat, save
 from .distributed import DistInfo, all_reduce_mean, shard
 from .model import WFModel
 
-__all__ = ["UntrainConfig", "recipe", "expand_batch", "untrain_loss", "gate_regulariser", "untrain", "RECIPES",
+__all__ = ["untrain_step", "UntrainConfig", "recipe", "expand_batch", "untrain_loss", "gate_regulariser", "untrain", "RECIPES",
            "model_kind", "options_key"]
 
 
@@ -114,6 +114,25 @@ def _to_device(t: torch.Tensor, device) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def untrain_step(model, params, opt, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: UntrainConfig,
+                 generator: torch.Generator, device, info: DistInfo | None = None) -> dict:
+    """One untraining step on the mini-batch (x, y) (CPU tensors): label expansion with ``generator``, one forward
+    of every expanded sample with its own row, the loss, a step of ``opt`` on the gates ``params``, the clamp.
+    Returns the loss parts (fetched from the device in one copy: the step's only host sync)."""
+    inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, generator)
+    inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info or DistInfo())
+    logits = model(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
+    loss, parts = untrain_loss(logits, _to_device(labels, device), nf, params, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if cfg.alpha_clamp is not None:
+        with torch.no_grad():
+            for p in params:
+                p.clamp_(-cfg.alpha_clamp, cfg.alpha_clamp)
+    return parts
 
 
 def _rows_generator(seed: int, epoch: int, step: int) -> torch.Generator:
@@ -209,18 +228,8 @@ def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig,
         order = perm[st["step"] * cfg.batch_size:].tolist()
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=order, num_workers=cfg.num_workers)
         for x, y in loader:
-            step = st["step"]
-            inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, _rows_generator(cfg.seed, epoch, step))
-            inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info)
-            logits = model(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
-            loss, parts = untrain_loss(logits, _to_device(labels, device), nf, params, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if cfg.alpha_clamp is not None:
-                with torch.no_grad():
-                    for p in params:
-                        p.clamp_(-cfg.alpha_clamp, cfg.alpha_clamp)
+            parts = untrain_step(model, params, opt, x, y, num_classes, cfg,
+                                 _rows_generator(cfg.seed, epoch, st["step"]), device, info)
             st["step"] += 1
             st["global_step"] += 1
             bar.update(1)
