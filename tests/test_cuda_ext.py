@@ -21,6 +21,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from wfnet.rows import LayerRows
+
 import wfnet
 import wfnet.backends as backends
 from wfnet import ops
@@ -182,8 +184,9 @@ def test_backend_glue_on_fake_cuda_tensors(requires_grad):
         aw = torch.empty(1000, 4, device="cuda", requires_grad=requires_grad)
         ab = torch.empty(1000, 4, device="cuda", dtype=torch.float16)  # gate logits are converted to fp32
         rows = torch.empty(2, dtype=torch.long, device="cuda")
-        args = dict(x=x, weight=w, bias=b, alpha_weight=aw, alpha_bias=ab, rows=rows, stride=(2, 1),
-                    padding=(1, 1), dilation=(1, 1), groups=1)
+        # backends take rows already validated and bound to the input (wfnet.rows.LayerRows)
+        args = dict(x=x, weight=w, bias=b, alpha_weight=aw, alpha_bias=ab, rows=LayerRows(rows, None),
+                    stride=(2, 1), padding=(1, 1), dilation=(1, 1), groups=1)
         assert cb.BACKEND.unsupported("conv2d", **args) == []
         y = cb.BACKEND.conv2d(**args)
         assert y.shape == (2, 4, 5, 7) and y.dtype == torch.float16 and y.device.type == "cuda"
@@ -191,7 +194,7 @@ def test_backend_glue_on_fake_cuda_tensors(requires_grad):
         assert y.requires_grad == requires_grad  # no grad needed -> the in-place epilogue, no autograd node
         xl = torch.empty(3, 5, 8, device="cuda", dtype=torch.bfloat16)
         wl = torch.empty(6, 8, device="cuda", dtype=torch.bfloat16)
-        yl = cb.BACKEND.linear(xl, wl, None, aw[:, :1].expand(1000, 6), None, rows.new_empty(3))
+        yl = cb.BACKEND.linear(xl, wl, None, aw[:, :1].expand(1000, 6), None, LayerRows(rows.new_empty(3), None))
         assert yl.shape == (3, 5, 6) and yl.dtype == torch.bfloat16
 
 
