@@ -284,6 +284,7 @@ def cmd_train(args):
     pred = predict(m, xte, args.eval_dtype, cl=cl)
     acc = (pred == yte).float().mean().item() * 100
     eval_s = time.time() - t1
+    print(f"test accuracy ({args.eval_dtype}, full test set): {acc:.2f}% after {train_s:.0f}s of training", flush=True)
     pred32 = None
     if args.eval_dtype != "fp32":
         pred32 = (predict(m, xte, "fp32", cl=cl) == yte).float().mean().item() * 100
