@@ -164,12 +164,13 @@ def main(argv=None) -> int:
             out["backends"][backend] = {"skipped": avail[backend]}
             print(f"{backend}: skipped: {avail[backend]}")
             continue
-        if backend == "triton" and not cuda:
-            import os
+        if backend != "auto":  # imports, but cannot run on this device (e.g. the built cuda extension on a CPU)
+            from wfnet.backends import backend_status
 
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                out["backends"][backend] = {"skipped": "triton on CPU tensors needs TRITON_INTERPRET=1"}
-                print(f"{backend}: skipped (CPU without TRITON_INTERPRET=1)")
+            st = backend_status(device)[backend]
+            if not st["runs_here"]:
+                out["backends"][backend] = {"skipped": st["why_not"]}
+                print(f"{backend}: skipped: {st['why_not']}")
                 continue
         try:
             res = run_backend(backend, device, batch, step_batch)
