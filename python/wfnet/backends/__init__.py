@@ -202,8 +202,10 @@ _auto_order._dynamo_marked_constant = True
 def cuda_auto_order(device_name: str, table: dict) -> tuple[tuple[str, ...], str]:
     """"auto"'s order on the CUDA device called ``device_name``, given the verification record ``table``: the
     verified fused backends in preference order, then torch; with the reason for each."""
-    from wf_kernels.verification import verification_status
-
+    try:
+        from wf_kernels.verification import verification_status
+    except ImportError as exc:  # no wf_kernels: nothing can have been verified
+        return ("torch",), f"{device_name}: torch, since the verification record cannot be read ({exc})"
     verified, notes = [], []
     for backend in _FUSED_PREFERENCE:
         ok, why = verification_status(device_name, backend, table)
