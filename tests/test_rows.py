@@ -170,3 +170,10 @@ def test_compiled_model_does_not_recompile_for_new_rows():
     for i in range(4):
         compiled(x, forget=torch.tensor([i % 4, 3 - i % 4]))
     assert counter.frame_count == 1
+
+
+def test_compiled_model_takes_a_0d_tensor_row_for_the_whole_batch():
+    wf = wfnet.wrap(_net(), num_classes=4)
+    compiled = torch.compile(wf, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 3, 6, 6)
+    torch.testing.assert_close(compiled(x, forget=torch.tensor(2)), wf(x, forget=2))

@@ -85,8 +85,8 @@ class Rows:
         if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
             raise TypeError(f"forget rows must be an integer tensor (int64 class ids), got dtype {rows.dtype}")
         if rows.dim() == 0:
-            if torch.compiler.is_compiling():
-                rows = rows.reshape(1)
+            if torch.compiler.is_compiling():  # no int() of a traced value: one row per sample, on the device
+                rows = rows.reshape(1) if batch is None else rows.reshape(1).expand(batch)
             else:
                 VALIDATIONS[0] -= 1  # counted once, in the recursive call (never reached while compiling)
                 return cls.prepare(int(rows), num_classes, batch)
@@ -95,8 +95,7 @@ class Rows:
                 raise _shape_error(batch, rows.shape)
             raise ValueError(f"forget rows must be an int or a 1-d tensor [B] (one class row per sample), got shape "
                              f"{list(rows.shape)}")
-        if batch is not None and rows.shape[0] != batch and not (rows.shape[0] == 1 and rows.dim() == 1 and
-                                                                  torch.compiler.is_compiling()):
+        if batch is not None and rows.shape[0] != batch:
             raise _shape_error(batch, rows.shape)
         rows = rows.long()
         if rows.numel() and rows.device.type != "meta":
