@@ -5,9 +5,11 @@ import json
 import wfnet.reproduce as R
 from wfnet.cli import main
 
-TINY = {"data": {"train_limit": 300, "test_limit": 150}, "train": {"epochs": 1, "batch_size": 64},
-        "untrain": {"max_epochs": 1, "val_per_epoch": 1},
-        "baselines": {"methods": ["random-labels"], "classes": [0, 1]}, "eval": {"rt_max_epochs": 2}}
+TINY = {"model": "small_cnn", "data": {"train_limit": 300, "test_limit": 150},
+        "train": {"epochs": 1, "batch_size": 64, "schedule": "onecycle", "shift": 1},
+        "untrain": {"max_epochs": 1, "max_steps": 2, "val_per_epoch": 1},
+        "baselines": {"random-labels": [0, 1]}, "baseline_options": {"max_steps": 2},
+        "eval": {"rt_max_epochs": 2, "test_limit": 100}}
 
 
 def test_reproduce_runs_every_stage_and_writes_the_combined_report(tmp_path, monkeypatch):
@@ -22,15 +24,20 @@ def test_reproduce_runs_every_stage_and_writes_the_combined_report(tmp_path, mon
     assert ("WF-Net", "tuned") in models and ("WF-Net", "paper") in models and ("original", "tuned") in models
     baseline = [r for r in res["table1"] if r["method"] == "random-labels"]
     assert baseline and baseline[0]["classes"] == [0, 1]
+    t1 = json.loads((out / "small_cnn" / "eval" / "table1.json").read_text())
+    assert t1["test_images"] == 100 and t1["test_images_total"] == 150  # Table 1 on the profile's test subset
+    assert "subset of 100 of the 150 test images" in (out / "small_cnn" / "eval" / "table1.md").read_text()
+    summary = json.loads((out / "small_cnn" / "untrain_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["stopped"] == "reached max_steps=2"
     md = (out / "combined.md").read_text()
     assert "| small_cnn | WF-Net (paper recipe) |" in md and "Wall time per stage" in md and "[0, 1]" in md
     assert (out / "combined.png").stat().st_size > 0
-    timing = json.loads((out / "timing.json").read_text())["small_cnn"]
-    assert {"train", "untrain", "baselines", "evaluate", "explain", "untrain_paper_recipe"} <= set(timing)
+    timing = json.loads((out / "timing" / "small_cnn.json").read_text())
+    assert {"train", "untrain", "baseline_random-labels", "evaluate", "explain", "untrain_paper_recipe"} <= set(timing)
     first = dict(timing)
     R.reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=("small_cnn",),
                 progress=False, log=lambda m: None)
-    again = json.loads((out / "timing.json").read_text())["small_cnn"]
+    again = json.loads((out / "timing" / "small_cnn.json").read_text())
     assert again["train"] < first["train"] and again["untrain"] < first["untrain"]  # skipped: already done
 
 

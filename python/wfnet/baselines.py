@@ -7,6 +7,8 @@
   equal number of other samples in the same step (without it the ascent destroys every class); it stops as soon as
   the model's accuracy on the class-c validation samples reaches 0, or after ``epochs`` passes over class c.
 
+``max_steps`` caps the optimizer steps of random-labels / negative-gradients per class (small machines).
+
 Each method's models go to ``<run>/baselines/<method>/class_<c>.safetensors`` and the seconds per class and in total
 to ``summary.json``: comparing that total with one untraining round is the point of the method.
 """
@@ -34,9 +36,13 @@ def _random_labels(original, train_ds, c, num_classes, cfg, device, progress):
     model = copy.deepcopy(original).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + c)
+    steps = 0
     for epoch in range(cfg.epochs):
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g)
         for x, y in tqdm(loader, desc=f"random-labels class {c}", leave=False, disable=not progress):
+            if cfg.max_steps is not None and steps >= cfg.max_steps:
+                return model.eval()
+            steps += 1
             offset = torch.randint(1, num_classes, y.shape, generator=g)
             y = torch.where(y == c, (y + offset) % num_classes, y)
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
@@ -56,10 +62,14 @@ def _negative_gradients(original, train_ds, val_ds, c, cfg, device, progress):
     val_forget = DataLoader(Subset(val_ds, (val_labels == c).nonzero().flatten().tolist()), batch_size=512)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + c)
     half = max(1, cfg.batch_size // 2)
+    steps = 0
     for epoch in range(cfg.epochs):
         f_loader = DataLoader(forget, batch_size=half, shuffle=True, generator=g)
         r_iter = iter(DataLoader(retain, batch_size=half, shuffle=True, generator=g))
         for xf, yf in tqdm(f_loader, desc=f"negative-gradients class {c}", leave=False, disable=not progress):
+            if cfg.max_steps is not None and steps >= cfg.max_steps:
+                return model.eval()
+            steps += 1
             xr, yr = next(r_iter)
             loss = F.cross_entropy(model(xr.to(device)), yr.to(device)) \
                 - F.cross_entropy(model(xf.to(device)), yf.to(device))

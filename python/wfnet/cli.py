@@ -275,6 +275,10 @@ def configure_inspect(p):
                                                        "size (default: digits)")
     p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the dataset's, "
                                                                 "raised to the model's minimum)")
+    p.add_argument("--patch-size", type=int, default=None, help="ViT patch size (default: 4 at 64 px or less, else "
+                                                                "16)")
+    p.add_argument("--stem-stride", type=int, default=None, help="ResNet-18's first-conv stride at 64 px or less "
+                                                                 "(default: 1)")
     p.add_argument("--num-classes", type=int, default=None, help="number of classes (default: the dataset's)")
     p.add_argument("--targets", default="auto", help="auto, or comma-separated module names / glob patterns "
                                                       "(default: auto)")
@@ -297,7 +301,8 @@ def run_inspect(args):
     if not num_classes:
         raise CLIError(f"--num-classes is needed for --dataset {args.dataset}")
     try:
-        model = build_model(args.model, num_classes, in_chans, spec["image_size"])
+        model = build_model(args.model, num_classes, in_chans, spec["image_size"], patch_size=args.patch_size,
+                            stem_stride=args.stem_stride)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     targets = args.targets if args.targets == "auto" else [t.strip() for t in args.targets.split(",") if t.strip()]

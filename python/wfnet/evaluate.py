@@ -34,6 +34,7 @@ from .report import table1_md, table2_md
 
 __all__ = ["evaluate_run", "METRICS", "DEFAULT_ZRF_SEED"]
 
+_TEST_SUBSET_SEED = 2024  # the fixed subset of --test-limit (any fixed value)
 DEFAULT_ZRF_SEED = EvalConfig.zrf_seed  # **decision**: any fixed value, distinct from the usual training seeds
 
 class _Cache:
@@ -76,8 +77,11 @@ class _Cache:
 
 
 class _Evaluator:
-    def __init__(self, run, *, force, batch_size, num_workers, progress, zrf_seed, rt, insdel_steps):
+    def __init__(self, run, *, force, batch_size, num_workers, progress, zrf_seed, rt, insdel_steps,
+                 test_limit=None):
         self.run, self.force, self.progress = run, force, progress
+        self.test_limit = test_limit
+        self._test = None
         self.batch_size, self.num_workers = batch_size, num_workers
         self.zrf_seed, self.rt_params, self.insdel_steps = zrf_seed, rt, insdel_steps
         self.eval_dir = Path(run.run_dir) / "eval"
@@ -89,7 +93,14 @@ class _Evaluator:
     # data ----------------------------------------------------------------------------------------------------
     @property
     def test(self):
-        return self.run.data.test
+        """The run's test set, or its fixed random subset of ``test_limit`` images (seeded: the same every time)."""
+        if self._test is None:
+            test = self.run.data.test
+            if self.test_limit is not None and self.test_limit < len(test):
+                perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(_TEST_SUBSET_SEED))
+                test = Subset(test, sorted(perm[:self.test_limit].tolist()))
+            self._test = test
+        return self._test
 
     def loader(self, dataset, shuffle=False):
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
@@ -148,6 +159,8 @@ class _Evaluator:
                 stamps[key] = self.run.model_stamp(method, c)
             return stamps[key]
 
+        if self.test_limit is not None:  # results on a subset never mix with results on another test set
+            params = {**params, "test_images": len(self.test)}
         return _Cache(self.eval_dir / f"{metric}_{method}.json", params, self.force if force is None else force, stamp)
 
     # metrics ---------------------------------------------------------------------------------------------------
@@ -235,6 +248,7 @@ def _table1(ev: _Evaluator, methods, classes_of, dataset, backbone, max_epochs) 
     stamps = {m: {str(c): ev.run.model_stamp(m, c) for c in classes_of[m]} for m in methods}
     return {"dataset": dataset, "backbone": backbone, "num_classes": ev.run.num_classes,
             "paper_available": bool(paper_rows), "zrf_random_seed": ev.zrf_seed, "rt_params": ev.rt_params,
+            "test_images": len(ev.test), "test_images_total": len(ev.run.data.test),
             "rows": rows, "stamps": stamps}
 
 
@@ -263,7 +277,7 @@ def evaluate_run(run, *, metrics: Sequence[str] = METRICS, force: bool = False, 
                  rt_samples_per_epoch: int = 500, rt_lr: float = 0.01, rt_batch_size: int = 64, rt_seed: int = 0,
                  insdel_steps: int | Sequence[float] = 21, zrf_seed: int = DEFAULT_ZRF_SEED, batch_size: int = 256,
                  num_workers: int = 0, methods: Sequence[str] | None = None, classes: Sequence[int] | None = None,
-                 progress: bool = True, audit_options: dict | None = None) -> dict:
+                 progress: bool = True, audit_options: dict | None = None, test_limit: int | None = None) -> dict:
     """Compute the requested metrics for every method of the run and write Tables 1 and 2 under ``run_dir/eval``.
 
     ``metrics``: any of "acc" (Acc_f / Acc_r), "zrf", "rt" (relearn time; needs the original's per-class accuracy,
@@ -279,8 +293,10 @@ def evaluate_run(run, *, metrics: Sequence[str] = METRICS, force: bool = False, 
         raise ValueError("rt_max_epochs must be >= 0")
     rt = {"max_epochs": int(rt_max_epochs), "samples_per_epoch": int(rt_samples_per_epoch), "lr": float(rt_lr),
           "batch_size": int(rt_batch_size), "seed": int(rt_seed)}
+    if test_limit is not None and test_limit < 1:
+        raise ValueError(f"test_limit must be >= 1, got {test_limit}")
     ev = _Evaluator(run, force=force, batch_size=batch_size, num_workers=num_workers, progress=progress,
-                    zrf_seed=zrf_seed, rt=rt, insdel_steps=insdel_steps)
+                    zrf_seed=zrf_seed, rt=rt, insdel_steps=insdel_steps, test_limit=test_limit)
     all_classes = list(range(run.num_classes)) if classes is None else sorted({int(c) for c in classes})
     bad = [c for c in all_classes if not 0 <= c < run.num_classes]
     if bad:

@@ -2,11 +2,12 @@
 
 * ``small_cnn``: three 3x3 conv blocks (32/64/128 channels, BatchNorm, ReLU, max-pool) and a linear head; all three
   convs are filtered. Fast enough to train and untrain on 2 CPU cores in seconds on the embedded digits.
-* ``vgg16``, ``resnet18`` (torchvision): for inputs of 64 px or less the stems are adapted the usual CIFAR way —
-  ResNet-18 gets a 3x3 stride-1 first conv and no max-pool; VGG-16 keeps its 13 convs and gets a global-pool
-  512 -> num_classes head. Grey inputs get a first conv with ``in_chans`` inputs.
+* ``vgg16``, ``vgg16_bn``, ``resnet18`` (torchvision): for inputs of 64 px or less the stems are adapted the usual
+  CIFAR way — ResNet-18 gets a 3x3 first conv (stride ``stem_stride``, default 1) and no max-pool; VGG-16 (with or
+  without BatchNorm) keeps its 13 convs and gets a global-pool 512 -> num_classes head. Grey inputs get a first conv
+  with ``in_chans`` inputs.
 * ``vit_tiny``, ``vit_small`` (timm ``vit_tiny_patch16_224`` / ``vit_small_patch16_224``) with ``img_size`` set to the
-  data and patch size 4 for inputs of 64 px or less (16 otherwise).
+  data and patch size ``patch_size`` (default 4 for inputs of 64 px or less, 16 otherwise).
 * any other torchvision classification model name, or timm model name, built with ``num_classes`` (and
   ``in_chans`` / ``img_size`` for timm).
 
@@ -43,7 +44,7 @@ class SmallCNN(nn.Module):
 
 def min_image_size(name: str) -> int:
     """The smallest input side the named model accepts (VGG-16's five max-pools need 32)."""
-    return 32 if name == "vgg16" else 8
+    return 32 if name in ("vgg16", "vgg16_bn") else 8
 
 
 def _first_conv(conv: nn.Conv2d, in_chans: int, **overrides) -> nn.Conv2d:
@@ -52,25 +53,38 @@ def _first_conv(conv: nn.Conv2d, in_chans: int, **overrides) -> nn.Conv2d:
     return nn.Conv2d(in_chans, conv.out_channels, **kw)
 
 
-def build_model(name: str, num_classes: int, in_chans: int = 3, image_size: int = 32) -> nn.Module:
-    """Build a randomly initialised classifier ``name`` for ``num_classes`` classes of in_chans x image_size^2."""
+def build_model(name: str, num_classes: int, in_chans: int = 3, image_size: int = 32, *,
+                patch_size: int | None = None, stem_stride: int | None = None) -> nn.Module:
+    """Build a randomly initialised classifier ``name`` for ``num_classes`` classes of in_chans x image_size^2.
+
+    ``patch_size``: a ViT's patch size (it must divide ``image_size``); ``stem_stride``: the stride of ResNet-18's
+    3x3 first conv on small inputs. Either option given for a model that has no such thing is an error."""
     import torchvision
 
     small = image_size <= _SMALL_INPUT
+    if stem_stride is not None and not (name == "resnet18" and small):
+        raise ValueError(f"stem_stride applies to resnet18 on inputs of {_SMALL_INPUT} px or less, not to {name!r} at "
+                         f"{image_size} px")
+    if stem_stride is not None and stem_stride not in (1, 2):
+        raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+    if patch_size is not None and name in ("small_cnn", "resnet18", "vgg16", "vgg16_bn"):
+        raise ValueError(f"patch_size applies to vision transformers, not to {name!r}")
+    if patch_size is not None and (patch_size < 1 or image_size % patch_size):
+        raise ValueError(f"patch_size {patch_size} must divide the image size {image_size}")
     if name == "small_cnn":
         return SmallCNN(num_classes, in_chans)
     if name == "resnet18":
         m = torchvision.models.resnet18(num_classes=num_classes)
         if small:
-            m.conv1 = _first_conv(m.conv1, in_chans, kernel_size=3, stride=1, padding=1)
+            m.conv1 = _first_conv(m.conv1, in_chans, kernel_size=3, stride=stem_stride or 1, padding=1)
             m.maxpool = nn.Identity()
         elif in_chans != 3:
             m.conv1 = _first_conv(m.conv1, in_chans)
         return m
-    if name == "vgg16":
+    if name in ("vgg16", "vgg16_bn"):
         if image_size < 32:
-            raise ValueError(f"vgg16 needs inputs of at least 32 px (five max-pools), got image_size={image_size}")
-        m = torchvision.models.vgg16(num_classes=num_classes)
+            raise ValueError(f"{name} needs inputs of at least 32 px (five max-pools), got image_size={image_size}")
+        m = getattr(torchvision.models, name)(num_classes=num_classes)
         if in_chans != 3:
             m.features[0] = _first_conv(m.features[0], in_chans)
         if small:
@@ -81,13 +95,15 @@ def build_model(name: str, num_classes: int, in_chans: int = 3, image_size: int 
         import timm
 
         return timm.create_model(_VIT[name], pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                 img_size=image_size, patch_size=4 if small else 16)
+                                 img_size=image_size, patch_size=patch_size or (4 if small else 16))
     # Any other name: torchvision first, then timm.
     try:
         m = torchvision.models.get_model(name, num_classes=num_classes)
     except ValueError:
         m = None
     if m is not None:
+        if patch_size is not None:
+            raise ValueError(f"patch_size applies to timm vision transformers, not to torchvision's {name!r}")
         if in_chans != 3:
             raise ValueError(f"torchvision model {name!r} is built for 3 input channels; got in_chans={in_chans}")
         return m
@@ -97,7 +113,11 @@ def build_model(name: str, num_classes: int, in_chans: int = 3, image_size: int 
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)}, a torchvision "
                          f"classification model name or a timm model name")
     kwargs = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    if patch_size is not None:
+        kwargs["patch_size"] = patch_size
     try:
         return timm.create_model(name, img_size=image_size, **kwargs)
     except TypeError:  # CNNs in timm take no img_size
+        if patch_size is not None:
+            raise ValueError(f"timm model {name!r} takes no patch_size") from None
         return timm.create_model(name, **kwargs)

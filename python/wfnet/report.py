@@ -34,7 +34,9 @@ def table1_md(t: dict, run_dir=None, per_class: bool = False) -> str:
     title = t.get("title") or f"{t['dataset']} / {t['backbone']}"
     where = f"Run `{run_dir}`; m" if run_dir is not None else "M"
     lines = [f"# Table 1: {title}", "",
-             f"{where}eans over the classes evaluated per row (all {t['num_classes']} unless noted).", "",
+             f"{where}eans over the classes evaluated per row (all {t['num_classes']} unless noted)"
+             + (f", on a fixed random subset of {t['test_images']} of the {t['test_images_total']} test images"
+                if t.get("test_images") and t["test_images"] < t.get("test_images_total", 0) else "") + ".", "",
              "| model | Acc_r (%) ↑ | Acc_f (%) ↓ | ZRF (%) ↑ | RT ↑ | ZRF Bad-Teaching code (%) |"
              + (" paper Acc_r | paper Acc_f | paper ZRF | paper RT |" if t["paper_available"] else ""),
              "|---|---|---|---|---|---|" + ("---|---|---|---|" if t["paper_available"] else "")]

@@ -32,7 +32,7 @@ from pathlib import Path
 from . import files
 from ._version import __version__
 from .config import (BASELINE_METHODS, METRICS, BaselineConfig, DataConfig, EvalConfig, ExplainConfig,
-                     TrainConfig, UntrainConfig, default_train_epochs, recipe)
+                     TrainConfig, UntrainConfig, default_train_epochs, recipe, with_defaults)
 
 __all__ = ["Run", "RunError", "setup", "differences", "model_spec"]
 
@@ -47,7 +47,7 @@ RESULTS_MD = "results.md"
 TABLES = ("eval/table1.md", "eval/table1.json", "eval/table2.md", "eval/table2.json")
 # what describes the gates (removed in the same step as new gates land)
 _GATE_DERIVED = (*TABLES, "explain")
-_IDENTITY = ("model", "dataset", "image_size", "augment", "train_limit", "test_limit", "exclude_class", "train")
+_IDENTITY = ("model", "dataset", "image_size", "patch_size", "stem_stride", "augment", "train_limit", "test_limit", "exclude_class", "train")
 
 
 class RunError(Exception):
@@ -67,13 +67,15 @@ def differences(old: dict, new: dict, keys=None) -> str:
     return ", ".join(out)
 
 
-def model_spec(model: str, dataset: str, image_size: int | None) -> dict:
+def model_spec(model: str, dataset: str, image_size: int | None, patch_size: int | None = None,
+               stem_stride: int | None = None) -> dict:
     """Resolve the image size for a (model, dataset) pair: the dataset's native size, raised to the model's minimum."""
     from .data import default_image_size
     from .models import min_image_size
 
     size = image_size or default_image_size(dataset)
-    return {"model": model, "dataset": dataset, "image_size": max(size, min_image_size(model))}
+    return {"model": model, "dataset": dataset, "image_size": max(size, min_image_size(model)),
+            "patch_size": patch_size, "stem_stride": stem_stride}
 
 
 def setup(device: str | None = "auto", backend: str | None = None):
@@ -184,7 +186,7 @@ class Run:
         info = info or DistInfo()
         out = Path(out)
         train = replace(train, epochs=train.epochs or default_train_epochs(data.dataset))
-        spec = model_spec(data.model, data.dataset, data.image_size)
+        spec = model_spec(data.model, data.dataset, data.image_size, data.patch_size, data.stem_stride)
         bundle = _load_data(data.dataset, data.data_root, spec["image_size"], download=data.download,
                             augment=data.augment, exclude_class=data.exclude_class, train_limit=data.train_limit,
                             test_limit=data.test_limit)
@@ -197,7 +199,9 @@ class Run:
             files.recover(out)
         if (out / CONFIG).exists():
             old = files.read_json(out / CONFIG)
-            diff = differences({k: old.get(k) for k in _IDENTITY}, {k: config[k] for k in _IDENTITY})
+            saved = {k: old.get(k) for k in _IDENTITY}
+            saved["train"] = with_defaults(TrainConfig, saved["train"] or {})
+            diff = differences(saved, {k: config[k] for k in _IDENTITY})
             if diff and (out / ORIGINAL).exists():
                 raise RunError(f"{out} already holds a different run ({diff}); choose another --out or delete that "
                                f"folder")
@@ -221,7 +225,8 @@ class Run:
             dist.barrier()
         try:
             torch.manual_seed(train.seed)  # the same initialisation as build_model(seed=train.seed)
-            model = build_model(data.model, bundle.num_classes, bundle.in_chans, spec["image_size"])
+            model = build_model(data.model, bundle.num_classes, bundle.in_chans, spec["image_size"],
+                                patch_size=data.patch_size, stem_stride=data.stem_stride)
         except ValueError as exc:
             raise RunError(str(exc)) from None
         run = cls(out, config, device, info, log)
@@ -272,7 +277,8 @@ class Run:
         c = self.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            m = build_model(c["model"], self.num_classes, c["in_chans"], c["image_size"])
+            m = build_model(c["model"], self.num_classes, c["in_chans"], c["image_size"],
+                            patch_size=c.get("patch_size"), stem_stride=c.get("stem_stride"))
         return m.to(self.device).eval()
 
     def original_info(self) -> dict:
@@ -288,7 +294,8 @@ class Run:
         if "stamp" not in meta:
             raise RunError(f"{path} was written by an older wfnet that did not record its options; train it again "
                            f"into a new folder")
-        if meta.get("train") != self.config.get("train"):
+        trained, configured = meta.get("train") or {}, self.config.get("train") or {}
+        if with_defaults(TrainConfig, trained) != with_defaults(TrainConfig, configured):
             raise RunError(f"{path} was trained with other options than {CONFIG} says "
                            f"({differences(meta.get('train') or {}, self.config.get('train') or {})})")
         return meta
@@ -304,7 +311,12 @@ class Run:
 
     def untrain_options(self) -> dict | None:
         """The untraining options the gates in ``filters.safetensors`` were made with (None: no gates yet)."""
-        return self._filters_meta().get("untrain")
+        saved = self._filters_meta().get("untrain")
+        if saved is None:
+            return None
+        full = with_defaults(UntrainConfig, saved)
+        full.pop("num_workers", None)
+        return full
 
     def _filters_meta(self) -> dict:
         from .serialization import read_filters_metadata
@@ -580,7 +592,8 @@ class Run:
         return summaries
 
     def _baseline_options(self, method: str) -> dict | None:
-        return _dir_options(self.baseline_dir(method))
+        saved = _dir_options(self.baseline_dir(method))
+        return None if saved is None else with_defaults(TrainConfig if method == "retrain" else BaselineConfig, saved)
 
     # ----------------------------------------------------------------------------------------------------------
     # evaluation and explanation
@@ -597,7 +610,7 @@ class Run:
                                 rt_seed=o.rt_seed, insdel_steps=o.insdel_steps, zrf_seed=o.zrf_seed,
                                 batch_size=o.batch_size, methods=o.methods,
                                 classes=None if o.classes is None else [int(c) for c in o.classes],
-                                progress=progress,
+                                progress=progress, test_limit=o.test_limit,
                                 audit_options=dict(samples=o.audit_samples, shots=tuple(o.audit_shots or (10, 50)),
                                                    steps=o.audit_steps, hard_threshold=o.hard_threshold))
         except ValueError as exc:

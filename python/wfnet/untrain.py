@@ -25,7 +25,11 @@ Two recipes (every value can be overridden):
   retain accuracy: Adam lr 0.1, gate logits clamped to [-6, 6] after every step so sigmoid' never vanishes (with lr
   100 the gates saturate and never reopen), eps 0.05 so one very confident forget sample (CE ~ 0.01 -> 1/CE ~ 100)
   cannot dominate a batch, and a 20x heavier retain weight (lambda0 = 20, lambda1 = 10, lambda2 = 1). Same label
-  expansion, batch, chi, init and early stopping. Measured side by side in docs/recipes.md.
+  expansion, batch, chi, init and early stopping. Measured side by side in docs/recipes.md. For ViTs the tuned
+  lambdas are (100, 100, 1): the paper's lambda1 = 100 with an equal retain weight (the CNN lambdas barely move the
+  qkv gates; docs/results/calibration_mnist_cpu.md).
+
+``amp="bf16"`` runs the forward passes under bfloat16 autocast (the gates, the loss and the optimizer stay fp32).
 
 Checkpoints: at every validation the full training state (current and best gates, optimizer state, counters, history)
 is written atomically to ``<run>/untrain_state.safetensors``; ``resume=True`` continues from it to the same result
@@ -48,6 +52,7 @@ from tqdm.auto import tqdm
 from .config import RECIPES, UntrainConfig, recipe
 from .checkpoint import load_state, optimizer_from_flat, optimizer_to_flat, save_state
 from .distributed import DistInfo, all_reduce_mean, shard
+from .train import autocast
 from .model import WFModel
 
 __all__ = ["untrain_step", "UntrainConfig", "recipe", "expand_batch", "untrain_loss", "gate_regulariser", "untrain", "RECIPES",
@@ -123,8 +128,9 @@ def untrain_step(model, params, opt, x: torch.Tensor, y: torch.Tensor, num_class
     Returns the loss parts (fetched from the device in one copy: the step's only host sync)."""
     inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, generator)
     inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info or DistInfo())
-    logits = model(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
-    loss, parts = untrain_loss(logits, _to_device(labels, device), nf, params, cfg)
+    with autocast(device, cfg.amp):
+        logits = model(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
+    loss, parts = untrain_loss(logits.float(), _to_device(labels, device), nf, params, cfg)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -150,8 +156,9 @@ def validation_loss(wf: nn.Module, params, val_ds: Dataset, num_classes: int, cf
     for i, (x, y) in enumerate(loader):
         inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, _rows_generator(cfg.seed, -1, i))
         inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info)
-        logits = wf(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
-        _, parts = untrain_loss(logits, _to_device(labels, device), nf, params, cfg)
+        with autocast(device, cfg.amp):
+            logits = wf(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
+        _, parts = untrain_loss(logits.float(), _to_device(labels, device), nf, params, cfg)
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v * x.shape[0]
         n += x.shape[0]
@@ -190,7 +197,10 @@ def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig,
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use 'sgd' or 'adam'")
     named = dict(wf.named_filter_parameters())
     steps_per_epoch = max(1, math.ceil(len(train_ds) / cfg.batch_size))
-    val_every = max(1, steps_per_epoch // cfg.val_per_epoch)
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {cfg.max_steps}")
+    span = steps_per_epoch if cfg.max_steps is None else min(steps_per_epoch, cfg.max_steps)
+    val_every = max(1, span // cfg.val_per_epoch)
     st = {"epoch": 0, "step": 0, "global_step": 0, "best_val": float("inf"), "bad": 0, "history": [],
           "stopped": None, "seconds": 0.0}
     best = {k: p.detach().clone() for k, p in named.items()}
@@ -220,6 +230,8 @@ def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig,
 
     t0 = time.time() - st["seconds"]
     total_steps = cfg.max_epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
     bar = tqdm(total=total_steps, initial=st["global_step"], desc="untrain", disable=not (progress and info.is_main),
                dynamic_ncols=True)
     while st["stopped"] is None and st["epoch"] < cfg.max_epochs:
@@ -235,7 +247,8 @@ def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig,
             bar.update(1)
             bar.set_postfix(forget_ce=f"{parts['forget_ce']:.2f}", retain_ce=f"{parts['retain_ce']:.3f}",
                             reg=f"{parts['reg']:.3f}", epoch=epoch + 1)
-            if st["step"] % val_every == 0 or st["step"] == steps_per_epoch:
+            last = st["global_step"] >= total_steps
+            if st["step"] % val_every == 0 or st["step"] == steps_per_epoch or last:
                 val = validation_loss(model, params, val_ds, num_classes, cfg, device, info)
                 improved = val["loss"] < st["best_val"] - 1e-6
                 if improved:
@@ -247,6 +260,8 @@ def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig,
                                       "improved": improved})
                 if st["bad"] >= cfg.patience:
                     st["stopped"] = f"early stopping: no improvement in {cfg.patience} validations"
+                elif last and cfg.max_steps is not None and st["global_step"] >= cfg.max_steps:
+                    st["stopped"] = f"reached max_steps={cfg.max_steps}"
                 if st["step"] == steps_per_epoch:
                     st["epoch"], st["step"] = epoch + 1, 0
                 st["seconds"] = time.time() - t0
