@@ -171,3 +171,29 @@ def test_run_folders_made_before_an_option_existed_still_match(tmp_path):
     with pytest.raises(RunError, match="train.shift"):
         Run.train(out, data, TrainConfig(epochs=1, batch_size=64, shift=2), progress=False, log=False)
     assert with_defaults(BaselineConfig, {"lr": 0.1})["max_steps"] is None
+
+
+def test_feature_forget_term_pulls_forget_features_toward_retain_ones():
+    g = torch.Generator().manual_seed(0)
+    retain = torch.randn(1, 5).repeat(6, 1)
+    same = torch.cat([retain[:2], retain]).requires_grad_(True)
+    assert U.feature_forget_term(same, 2, g).item() == 0.0
+    far = torch.cat([retain[:2] + 3.0, retain]).requires_grad_(True)
+    term = U.feature_forget_term(far, 2, g)
+    assert term.item() == pytest.approx((2 * 9 * 5 / 2) / retain.pow(2).sum(1).mean().item(), rel=1e-5)
+    term.backward()
+    assert far.grad[:2].abs().sum() > 0 and far.grad[2:].abs().sum() == 0  # retain features are the target only
+
+
+def test_untraining_with_the_feature_term_records_it_and_moves_other_gates():
+    ds = _tiny()
+    gates = []
+    for lam in (0.0, 5.0):
+        torch.manual_seed(0)
+        wf = wfnet.wrap(SmallCNN(4, 1, widths=(4, 6, 8)).eval(), 4)
+        cfg = U.recipe("tuned", "cnn", batch_size=16, max_epochs=1, val_per_epoch=2, lambda_feature=lam)
+        summary = U.untrain(wf, ds, ds, cfg, torch.device("cpu"), progress=False)
+        last = summary["history"][-1]
+        assert ("feature_term" in last["train"] and "feature_term" in last["val"]) == (lam > 0)
+        gates.append(torch.cat([p.detach().flatten() for p in wf.filter_parameters()]))
+    assert not torch.equal(gates[0], gates[1])

@@ -38,6 +38,7 @@ __all__ = ["true_class_confidence", "mia_efficacy", "probe_accuracy", "classifie
            "relearn_fewshot", "AuditSubject", "run_audit", "audit_markdown", "AUDIT_METRICS"]
 
 from .config import AUDIT_METRICS  # noqa: E402  (the metric names, defined once)
+from .model import classifier_head  # noqa: E402  (its home is the model module; re-exported here)
 
 
 # ----------------------------------------------------------------------------------------------------------- MIA
@@ -87,24 +88,6 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     probe.fit(np.asarray(train_x), np.asarray(train_y))
     return float((probe.predict(test_x[mask]) == target_class).mean())
-
-
-def classifier_head(model: nn.Module) -> nn.Module:
-    """The module whose INPUT is the penultimate representation: timm's ``get_classifier()``, else the last
-    ``nn.Linear`` in the model (torchvision's ``fc`` / ``classifier[-1]`` / ``heads.head``)."""
-    inner = getattr(model, "model", model)  # a WFModel holds the classifier in .model
-    get = getattr(inner, "get_classifier", None)
-    if callable(get):
-        head = get()
-        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
-            return head
-    last = None
-    for m in inner.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    if last is None:
-        raise ValueError(f"{type(inner).__name__} has no nn.Linear classifier head to take features from")
-    return last
 
 
 @torch.no_grad()

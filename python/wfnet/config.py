@@ -91,6 +91,9 @@ class UntrainConfig:
     lambda_retain: float = opt(20.0, "lambda0, weight of the mean cross-entropy on retained rows")
     lambda_forget: float = opt(10.0, "lambda1, weight of the reciprocal forget cross-entropy")
     lambda_reg: float = opt(1.0, "lambda2, weight of R = mean(1 - sigmoid(alpha))")
+    lambda_feature: float = opt(0.0, "weight of the feature-level forget term (0 = off): each forget sample's "
+                                      "penultimate features are pulled toward a random retain sample's, so class c "
+                                      "stops being decodable from the features (issue 14; see docs/results)")
     forget_loss: str = opt("mean_inverse", "mean_inverse = mean(1/(CE_f+eps)) (the paper's), inverse_mean = "
                                            "1/(mean(CE_f)+eps)", choices=("mean_inverse", "inverse_mean"))
     eps: float = opt(0.05, "guard in 1/(CE_f + eps)")

@@ -46,7 +46,7 @@ from .layers import FilteredLayer, WFConv2d, WFLinear, WFMultiheadAttention
 from .rows import RowRouter
 
 __all__ = ["WFModel", "wrap", "forgetting", "export", "find_targets", "TargetPlan", "Target", "CoverageError",
-           "UnsupportedModelError"]
+           "UnsupportedModelError", "classifier_head"]
 
 Targets = str | Iterable[str] | Callable[[str, nn.Module], bool]
 _FILTERABLE = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
@@ -570,3 +570,21 @@ def export(wf: WFModel, forget: int, hard: bool | float | None = None) -> nn.Mod
                           "removed_total": sum(r for r, _ in removed_per_layer.values()),
                           "channels_total": sum(n for _, n in removed_per_layer.values())}
     return model
+
+
+def classifier_head(model: nn.Module) -> nn.Module:
+    """The module whose INPUT is the penultimate representation: timm's ``get_classifier()``, else the last
+    ``nn.Linear`` in the model (torchvision's ``fc`` / ``classifier[-1]`` / ``heads.head``)."""
+    inner = getattr(model, "model", model)  # a WFModel holds the classifier in .model
+    get = getattr(inner, "get_classifier", None)
+    if callable(get):
+        head = get()
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            return head
+    last = None
+    for m in inner.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    if last is None:
+        raise ValueError(f"{type(inner).__name__} has no nn.Linear classifier head to take features from")
+    return last

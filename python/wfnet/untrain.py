@@ -38,6 +38,7 @@ gates (lowest validation loss) are loaded into the model.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict
@@ -52,6 +53,7 @@ from tqdm.auto import tqdm
 from .config import RECIPES, UntrainConfig, recipe
 from .checkpoint import load_state, optimizer_from_flat, optimizer_to_flat, save_state
 from .distributed import DistInfo, all_reduce_mean, shard
+from .model import classifier_head
 from .train import autocast
 from .model import WFModel
 
@@ -89,8 +91,25 @@ def gate_regulariser(params) -> torch.Tensor:
     return (1 - torch.sigmoid(flat)).mean()
 
 
-def untrain_loss(logits, labels, n_forget: int, params, cfg: UntrainConfig) -> tuple[torch.Tensor, dict]:
-    """The loss of method.md section 3 on one expanded batch; returns (loss, {"forget_ce", "retain_ce", "reg", ...})."""
+def feature_forget_term(features: torch.Tensor, n_forget: int, generator: torch.Generator) -> torch.Tensor:
+    """The feature-level forget term (issue 14): every forget sample's penultimate features (under its own row) are
+    pulled toward those of a random retain sample of the batch (detached), relative to the retain features' mean
+    squared norm. Output suppression leaves class c linearly decodable from the features; this term asks the gates
+    to make class c's features look like other classes' instead."""
+    f = features.float().flatten(1)
+    forget, retain = f[:n_forget], f[n_forget:].detach()
+    if forget.shape[0] == 0 or retain.shape[0] == 0:
+        return f.sum() * 0
+    j = torch.randint(0, retain.shape[0], (forget.shape[0],), generator=generator).to(f.device)
+    scale = retain.pow(2).sum(1).mean().clamp_min(1e-12)
+    return (forget - retain[j]).pow(2).sum(1).mean() / scale
+
+
+def untrain_loss(logits, labels, n_forget: int, params, cfg: UntrainConfig, features: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss of method.md section 3 on one expanded batch; returns (loss, {"forget_ce", "retain_ce", "reg", ...}).
+    With ``cfg.lambda_feature > 0``, ``features`` (the classifier head's input) and ``generator`` add
+    :func:`feature_forget_term`."""
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
     ce_f, ce_r = ce[:n_forget], ce[n_forget:]
     zero = ce.sum() * 0
@@ -105,11 +124,42 @@ def untrain_loss(logits, labels, n_forget: int, params, cfg: UntrainConfig) -> t
     retain_term = ce_r.mean() if ce_r.numel() else zero
     reg = gate_regulariser(params)
     loss = cfg.lambda_retain * retain_term + cfg.lambda_forget * forget_term + cfg.lambda_reg * reg
+    names, terms = ["loss", "forget_ce", "retain_ce", "forget_term", "reg"], []
+    if cfg.lambda_feature > 0:
+        if features is None or generator is None:
+            raise ValueError("lambda_feature > 0 needs the classifier head's input features and a generator")
+        feature_term = feature_forget_term(features, n_forget, generator)
+        loss = loss + cfg.lambda_feature * feature_term
+        names, terms = names + ["feature_term"], [feature_term]
     # One device-to-host copy for all the parts (five .item() calls would be five syncs on a GPU).
     forget_ce = ce_f.mean() if ce_f.numel() else torch.full((), float("nan"), device=logits.device)
-    values = torch.stack([loss, forget_ce, retain_term, forget_term, reg]).detach().float().tolist()
-    parts = dict(zip(("loss", "forget_ce", "retain_ce", "forget_term", "reg"), values))
+    values = torch.stack([loss, forget_ce, retain_term, forget_term, reg, *terms]).detach().float().tolist()
+    parts = dict(zip(names, values))
     return loss, parts
+
+
+@contextlib.contextmanager
+def _head_input(model: nn.Module, wanted: bool):
+    """Yield a list that receives the classifier head's input during the forwards run inside (when ``wanted``)."""
+    captured: list[torch.Tensor] = []
+    if not wanted:
+        yield captured
+        return
+    head = classifier_head(getattr(model, "module", model))  # DDP holds the WFModel in .module
+    hook = head.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+    try:
+        yield captured
+    finally:
+        hook.remove()
+
+
+def _features(captured: list, wanted: bool):
+    if not wanted:
+        return None
+    if len(captured) != 1:
+        raise RuntimeError(f"the classifier head ran {len(captured)} times in one forward; the feature term needs "
+                           f"exactly one penultimate representation")
+    return captured[0]
 
 
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:
@@ -128,9 +178,11 @@ def untrain_step(model, params, opt, x: torch.Tensor, y: torch.Tensor, num_class
     Returns the loss parts (fetched from the device in one copy: the step's only host sync)."""
     inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, generator)
     inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info or DistInfo())
-    with autocast(device, cfg.amp):
+    wanted = cfg.lambda_feature > 0
+    with autocast(device, cfg.amp), _head_input(model, wanted) as captured:
         logits = model(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
-    loss, parts = untrain_loss(logits.float(), _to_device(labels, device), nf, params, cfg)
+    loss, parts = untrain_loss(logits.float(), _to_device(labels, device), nf, params, cfg,
+                               _features(captured, wanted), generator)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -156,9 +208,12 @@ def validation_loss(wf: nn.Module, params, val_ds: Dataset, num_classes: int, cf
     for i, (x, y) in enumerate(loader):
         inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, _rows_generator(cfg.seed, -1, i))
         inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info)
-        with autocast(device, cfg.amp):
+        gen = _rows_generator(cfg.seed, -2, i)  # the feature term's pairing: fixed too
+        wanted = cfg.lambda_feature > 0
+        with autocast(device, cfg.amp), _head_input(wf, wanted) as captured:
             logits = wf(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
-        _, parts = untrain_loss(logits.float(), _to_device(labels, device), nf, params, cfg)
+        _, parts = untrain_loss(logits.float(), _to_device(labels, device), nf, params, cfg,
+                                _features(captured, wanted), gen)
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v * x.shape[0]
         n += x.shape[0]
