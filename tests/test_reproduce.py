@@ -38,7 +38,8 @@ def test_reproduce_runs_every_stage_and_writes_the_combined_report(tmp_path, mon
     R.reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=("small_cnn",),
                 progress=False, log=lambda m: None)
     again = json.loads((out / "timing" / "small_cnn.json").read_text())
-    assert again["train"] < first["train"] and again["untrain"] < first["untrain"]  # skipped: already done
+    for stage in ("train", "untrain"):  # skipped (already done): only the check is added to the stage's time
+        assert first[stage] <= again[stage] < first[stage] + 5.0
 
 
 def test_reproduce_cli_rejects_unknown_models_and_profiles(capsys):

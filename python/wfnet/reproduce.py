@@ -40,8 +40,9 @@ BACKBONES = ("vgg16", "resnet18", "vit_tiny", "vit_small")
 
 _CNN_TRAIN = dict(epochs=2, batch_size=128, optimizer="sgd", weight_decay=5e-4, schedule="onecycle", shift=2,
                   amp="bf16")
+# ViT-T at patch 7, 54k x 2 epochs with shift +-1: 96.23 % (calibration): under-fitted, so more epochs, no shift.
 _VIT_TRAIN = dict(batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=0.05, schedule="onecycle", warmup=0.1,
-                  shift=1)
+                  shift=0)
 _CPU_EVAL = {"test_limit": 2000, "rt_max_epochs": 10}
 PROFILES: dict[str, dict[str, dict]] = {
     "cpu": {
@@ -61,14 +62,14 @@ PROFILES: dict[str, dict[str, dict]] = {
                      "eval": _CPU_EVAL},
         "vit_tiny": {"model": "vit_tiny",
                      "data": {"train_limit": None, "patch_size": 7},  # 54,000 train + 6,000 validation
-                     "train": {**_VIT_TRAIN, "epochs": 2},
-                     "untrain": {"max_epochs": 1, "max_steps": 200, "val_per_epoch": 4},
+                     "train": {**_VIT_TRAIN, "epochs": 4},
+                     "untrain": {"max_epochs": 1, "max_steps": 120, "val_per_epoch": 4},
                      "baselines": {"random-labels": [0], "negative-gradients": None},
                      "baseline_options": {"max_steps": 60},
                      "eval": _CPU_EVAL},
         "vit_small": {"model": "vit_small",
                       "data": {"train_limit": None, "patch_size": 7},
-                      "train": {**_VIT_TRAIN, "epochs": 2},
+                      "train": {**_VIT_TRAIN, "epochs": 3},
                       "untrain": {"max_epochs": 1, "max_steps": 120, "val_per_epoch": 4},
                       "baselines": {"random-labels": [0], "negative-gradients": None},
                       "baseline_options": {"max_steps": 60},
@@ -86,9 +87,11 @@ PROFILES["paper"]["vgg16"]["model"] = "vgg16_bn"
 
 
 def _stage(times: dict, name: str, fn):
+    """Run one stage and add its wall time to ``times[name]``: the seconds spent in the stage over every invocation
+    (an interrupted stage counts its parts; a finished stage that is skipped adds only the check)."""
     t0 = time.time()
     out = fn()
-    times[name] = round(time.time() - t0, 1)
+    times[name] = round(times.get(name, 0.0) + time.time() - t0, 1)
     return out
 
 
