@@ -213,7 +213,7 @@ def combined_tables(out, dataset: str, models, profile: str, timing: dict | None
         md.append(f"| {r['backbone']} | {_fmt(r['insertion'])} | {_fmt(p.get('insertion'))} | "
                   f"{_fmt(r['deletion'])} | {_fmt(p.get('deletion'))} |")
     if timing:
-        stages = list(dict.fromkeys(k for t in timing.values() for k in t))
+        stages = [k for k in dict.fromkeys(k for t in timing.values() for k in t) if k != "total"] + ["total"]
         md += ["", "# Wall time per stage (s)", "", "| backbone | " + " | ".join(stages) + " |",
                "|---|" + "---|" * len(stages)]
         for model, t in timing.items():
