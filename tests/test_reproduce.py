@@ -27,6 +27,8 @@ def test_reproduce_runs_every_stage_and_writes_the_combined_report(tmp_path, mon
     t1 = json.loads((out / "small_cnn" / "eval" / "table1.json").read_text())
     assert t1["test_images"] == 100 and t1["test_images_total"] == 150  # Table 1 on the profile's test subset
     assert "subset of 100 of the 150 test images" in (out / "small_cnn" / "eval" / "table1.md").read_text()
+    insdel = json.loads((out / "small_cnn" / "eval" / "insdel_wfnet.json").read_text())
+    assert insdel["params"]["test_images"] == 100  # explain reused Table 2's curves (same subset), no recompute
     summary = json.loads((out / "small_cnn" / "untrain_summary.json").read_text())
     assert summary["steps"] == 2 and summary["stopped"] == "reached max_steps=2"
     md = (out / "combined.md").read_text()

@@ -182,3 +182,5 @@ class ExplainConfig:
     min_classes: int = opt(2, "a channel is drawn when it is in the top-k of at least this many classes")
     max_classes: int = opt(20, "classes drawn in the filter maps")
     insdel_steps: int = opt(21, "points on the insertion / deletion curves")
+    test_limit: int | None = opt(None, "curves on the fixed random test subset of `wfnet evaluate --test-limit` "
+                                       "(default: the whole test set)")

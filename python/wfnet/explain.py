@@ -186,7 +186,8 @@ def _safe(name: str) -> str:
 
 def explain_run(run, layers: Sequence[str] | None = None, force: bool = False, *, top_k: int = 10,
                 min_classes: int = 2, max_classes: int = 20, insdel_steps: int | Sequence[float] = 21,
-                batch_size: int = 256, num_workers: int = 0, progress: bool = True) -> dict:
+                batch_size: int = 256, num_workers: int = 0, progress: bool = True,
+                test_limit: int | None = None) -> dict:
     """Write the explanation figures of a run under ``run_dir/explain/`` and a ``report.md`` linking them.
 
     * ``gates_heatmap.png``: sigmoid(alpha_weight) of every filtered layer (classes x channels);
@@ -194,7 +195,8 @@ def explain_run(run, layers: Sequence[str] | None = None, force: bool = False, *
       paper's Figures 3/4 (top-``top_k`` channels per class, channels shared by >= ``min_classes`` classes), over
       the first ``max_classes`` classes when there are more;
     * ``insertion_deletion.png``: the insertion / deletion curves per class and their mean (taken from, or
-      computed into, the evaluation cache ``run_dir/eval/insdel_wfnet.json``).
+      computed into, the evaluation cache ``run_dir/eval/insdel_wfnet.json``; ``test_limit``: on the same fixed
+      test subset as ``wfnet evaluate --test-limit``, so the curves Table 2 was computed from are reused).
 
     Existing figures are kept unless ``force``. Returns ``{"report": path, "figures": {name: path}}``.
     """
@@ -232,7 +234,7 @@ def explain_run(run, layers: Sequence[str] | None = None, force: bool = False, *
 
     path = out / "insertion_deletion.png"
     ev = _Evaluator(run, force=False, batch_size=batch_size, num_workers=num_workers, progress=progress,
-                    zrf_seed=None, rt={}, insdel_steps=insdel_steps)
+                    zrf_seed=None, rt={}, insdel_steps=insdel_steps, test_limit=test_limit)
     ev._wf = wf
     curves = ev.insdel(list(range(run.num_classes)))
     if force or not path.exists():

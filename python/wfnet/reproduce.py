@@ -151,7 +151,8 @@ def reproduce(out, dataset: str = "mnist", models=BACKBONES, profile: str = "cpu
             timed(f"baseline_{method}", lambda: run.baselines(
                 [method], classes, BaselineConfig(**p["baseline_options"]), progress=progress))
         timed("evaluate", lambda: run.evaluate(EvalConfig(**p["eval"]), progress=progress))
-        timed("explain", lambda: run.explain(ExplainConfig(insdel_steps=p["eval"].get("insdel_steps", 21)),
+        timed("explain", lambda: run.explain(ExplainConfig(insdel_steps=p["eval"].get("insdel_steps", 21),
+                                                           test_limit=p["eval"].get("test_limit")),
                                              progress=progress))
     found = [m for m in PROFILES[profile] if (out / "timing" / f"{m}.json").exists()]  # also other processes' runs
     timing = {m: files.read_json(out / "timing" / f"{m}.json") for m in found}

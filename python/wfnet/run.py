@@ -624,7 +624,8 @@ class Run:
         o = options or ExplainConfig()
         try:
             return explain_run(self, layers=o.layers, force=force, top_k=o.top_k, min_classes=o.min_classes,
-                               max_classes=o.max_classes, insdel_steps=o.insdel_steps, progress=progress)
+                               max_classes=o.max_classes, insdel_steps=o.insdel_steps, progress=progress,
+                               test_limit=o.test_limit)
         except ValueError as exc:
             raise RunError(str(exc)) from None
 
