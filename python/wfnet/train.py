@@ -5,8 +5,8 @@ random-shift augmentation and bfloat16 autocast; cross-entropy, seeded data orde
 (model + optimizer + scheduler + epoch) so ``resume=True`` continues a killed run, data-parallel under torchrun
 (DistributedSampler + DDP), and the final test accuracy (always in fp32).
 
-The MNIST recipes of ``wfnet reproduce --profile cpu`` (one-cycle, shift +-1/2 px, bf16 for the CNNs) were chosen
-from measurements: docs/results/calibration_mnist_cpu.md.
+The MNIST recipes of ``wfnet reproduce --profile cpu`` (one-cycle; shift +-2 px and bf16 for the CNNs; AdamW without
+shift for the ViTs) were chosen from measurements: docs/results/calibration_mnist_cpu.md.
 """
 from __future__ import annotations
 
