@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 import wfnet
 import wfnet.train as T
@@ -15,6 +14,7 @@ from wfnet import untrain as U
 from wfnet.baselines import unlearn_baseline
 from wfnet.config import BaselineConfig, DataConfig, TrainConfig, with_defaults
 from wfnet.models import SmallCNN, build_model
+from test_untrain import _tiny_problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,13 +41,9 @@ def test_random_shift_translates_each_image_within_the_bound():
     assert torch.equal(again, out)  # seeded: resumable
 
 
-def _tiny(n=128, num_classes=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % num_classes
-    x = torch.randn(n, 1, 8, 8, generator=g) * 0.5
-    for c in range(num_classes):
-        x[y == c, :, c * 2:(c + 1) * 2, :] += 2.0
-    return TensorDataset(x, y)
+def _tiny(n=128):
+    """The class-dependent blob problem of test_untrain (4 classes, 8x8 grey images)."""
+    return _tiny_problem(n)[0]
 
 
 @pytest.mark.parametrize("optimizer,amp", [("sgd", "bf16"), ("adamw", "off")])
