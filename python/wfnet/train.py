@@ -118,6 +118,8 @@ def train_classifier(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg:
     ddp = model
     if info.enabled:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # the compiled module shares the parameters: the state saved below stays the eager model's
+        ddp = torch.compile(ddp)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, cfg.num_workers, info, epoch)
