@@ -1,15 +1,17 @@
 """Training-step throughput of a backbone on MNIST-shaped input, eager vs ``torch.compile`` (the measurement behind
 ``TrainConfig.compile`` and the reproduce cpu profile's choice).
 
-    python bench/bench_train_step.py --model vit_tiny --threads 2 --batch 64 [--patch-size 7] [--out FILE.jsonl]
+    python bench/bench_train_step.py --model vit_tiny --threads 2 --batch 64 [--patch-size 7] [--out FOLDER]
 
 AdamW steps on random 1x28x28 images, 10 classes; 3 warm-up steps after the first (compiling) one, then the median
-of 10 timed steps. Appends one JSON line per mode with the date, torch version and thread count.
+of 10 timed steps, on the CPU. Appends one JSON line per mode (date, torch version, threads) to
+``FOLDER/train_step_cpu_<date>.jsonl`` (default folder: bench/results).
 """
 import argparse
 import datetime
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,14 +55,15 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--patch-size", type=int, default=7)
-    p.add_argument("--out", help="append the results to this JSON-lines file")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results folder")
     a = p.parse_args()
     for mode in ("eager", "compile"):
         r = measure(a.model, mode, a.threads, a.batch, a.patch_size)
         print(json.dumps(r))
-        if a.out:
-            with open(a.out, "a") as f:
-                f.write(json.dumps(r) + "\n")
+        path = Path(a.out) / f"train_step_cpu_{datetime.date.today().isoformat()}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":
