@@ -232,3 +232,14 @@ def test_paper_lookup_normalises_names():
     assert paper.table2_row("mnist", "ViT-T") == {"insertion": 0.90, "deletion": 0.07}
     assert paper.table1_rows("FashionMNIST", "vgg16") is None and paper.table2_row("mnist", "small_cnn") is None
     assert paper.normalise_method("Random labels") == "random-labels" and paper.normalise_method("x") is None
+
+
+def test_table2_md_says_when_insdel_was_not_computed():
+    from wfnet.report import table2_md
+    row = {"model": "WF-Net", "insertion": None, "deletion": None}
+    t = {"dataset": "mnist", "backbone": "resnet18", "paper_available": False, "rows": [row], "steps": []}
+    md = table2_md(t, "runs/x")
+    assert "were not computed" in md and "evenly spaced" not in md
+    t = {**t, "rows": [{**row, "insertion": 0.8, "deletion": 0.1}], "steps": [0.0, 0.5, 1.0]}
+    md = table2_md(t, "runs/x")
+    assert "(3 evenly spaced steps" in md and "0.800" in md

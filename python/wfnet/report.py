@@ -90,7 +90,10 @@ def table2_md(t: dict, run_dir) -> str:
         if t["paper_available"]:
             cells += [fmt(r["paper"]["insertion"], 2), fmt(r["paper"]["deletion"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
-    n = len(t["steps"]) if t["steps"] else 0
+    if not t["steps"]:  # insdel was not among the requested metrics: say so instead of describing no curve
+        lines += ["", "- Insertion / deletion were not computed (`--metrics` did not include insdel)."]
+        return "\n".join(lines) + "\n"
+    n = len(t["steps"])
     lines += ["", "- For class c, each filtered layer's channels are ranked by relevance (lowest sigmoid(alpha[c]) "
               "first). Insertion re-opens the top p% of every layer in the unlearned model (row c); deletion closes "
               "them in the original model (all gates open). Value: mean softmax confidence for class c on its test "
