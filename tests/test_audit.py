@@ -136,7 +136,7 @@ def test_run_audit_over_subjects_and_classes():
 
 def test_evaluate_writes_the_audit_table_next_to_table1(tmp_path):
     """`wfnet evaluate --metrics mia,probe,relearn_fewshot` on a tiny run: eval/audit.{md,json} with the reference
-    rows, and the stamps of the models it measured."""
+    rows, and the stamps of the models it measured; Tables 1 / 2 are left alone."""
     import json
 
     from wfnet.cli import main
@@ -146,6 +146,8 @@ def test_evaluate_writes_the_audit_table_next_to_table1(tmp_path):
     assert main(["train", "--out", str(run), "--epochs", "1", "--train-limit", "300", "--test-limit", "200",
                  *common]) == 0
     assert main(["untrain", str(run), "--max-epochs", "1", *common]) == 0
+    assert main(["evaluate", str(run), "--metrics", "acc", *common]) == 0
+    table1 = (run / "eval" / "table1.md").read_text()
     assert main(["evaluate", str(run), "--metrics", "mia,probe,relearn_fewshot", "--classes", "0,3",
                  "--audit-shots", "5", "--audit-steps", "2", "--audit-samples", "60", *common]) == 0
     res = json.loads((run / "eval" / "audit.json").read_text())
@@ -153,3 +155,5 @@ def test_evaluate_writes_the_audit_table_next_to_table1(tmp_path):
     assert set(res["mean"]["WF-Net (row c)"]) == {"mia", "probe", "relearn_k5_head", "relearn_k5_full"}
     assert res["classes"] == [0, 3] and res["stamps"]["wfnet"]
     assert "| WF-Net (row c) |" in (run / "eval" / "audit.md").read_text()
+    # an audit-only request leaves Table 1 (all classes) as it was, not rewritten for classes 0 and 3
+    assert (run / "eval" / "table1.md").read_text() == table1

@@ -284,7 +284,8 @@ def evaluate_run(run, *, metrics: Sequence[str] = METRICS, force: bool = False, 
     computed if missing), "insdel" (WF-Net only). ``methods`` defaults to "original", every baseline present and
     "wfnet"; ``classes`` to all (a baseline is evaluated on the classes it has, ``run.baseline_classes``).
     The tables always report whatever is cached (a metric not computed yet shows "n/a"). Returns
-    ``{"table1": {...}, "table2": {...}}`` (the JSON written to table1.json / table2.json).
+    ``{"table1": {...}, "table2": {...}}`` (the JSON written to table1.json / table2.json). A request of audit
+    metrics only writes ``eval/audit.*`` and leaves Tables 1 / 2 untouched (their entries are then None).
     """
     unknown = sorted(set(metrics) - set(METRICS) - set(AUDIT_METRICS))
     if unknown:
@@ -323,22 +324,24 @@ def evaluate_run(run, *, metrics: Sequence[str] = METRICS, force: bool = False, 
     if "insdel" in metrics and "wfnet" in methods:
         ev.insdel(all_classes)
 
-    dataset, backbone = str(run.config.get("dataset", "?")), str(run.config.get("model", "?"))
-    t1 = _table1(ev, methods, classes_of, dataset, backbone, rt["max_epochs"])
-    t2 = _table2(ev, methods, all_classes, dataset, backbone)
-    md = {"table1": table1_md(t1, run.run_dir), "table2": table2_md(t2, run.run_dir)}
-    root = Path(run.run_dir)
-    for name in ("table1", "table2"):
-        files.write_json(files.staging_path(root, f"eval/{name}.json"), {"table1": t1, "table2": t2}[name])
-        files.write_text(files.staging_path(root, f"eval/{name}.md"), md[name])
-    files.commit(root, new=[f"eval/{n}.{ext}" for n in ("table1", "table2") for ext in ("json", "md")])
-    out = {"table1": files.json_safe(t1), "table2": files.json_safe(t2), "markdown": md["table1"] + "\n" +
-           md["table2"]}
+    out = {"table1": None, "table2": None, "markdown": ""}
+    if any(m in METRICS for m in metrics):  # an audit-only request leaves Tables 1 / 2 as they are
+        dataset, backbone = str(run.config.get("dataset", "?")), str(run.config.get("model", "?"))
+        t1 = _table1(ev, methods, classes_of, dataset, backbone, rt["max_epochs"])
+        t2 = _table2(ev, methods, all_classes, dataset, backbone)
+        md = {"table1": table1_md(t1, run.run_dir), "table2": table2_md(t2, run.run_dir)}
+        root = Path(run.run_dir)
+        for name in ("table1", "table2"):
+            files.write_json(files.staging_path(root, f"eval/{name}.json"), {"table1": t1, "table2": t2}[name])
+            files.write_text(files.staging_path(root, f"eval/{name}.md"), md[name])
+        files.commit(root, new=[f"eval/{n}.{ext}" for n in ("table1", "table2") for ext in ("json", "md")])
+        out = {"table1": files.json_safe(t1), "table2": files.json_safe(t2), "markdown": md["table1"] + "\n" +
+               md["table2"]}
     requested = [m for m in AUDIT_METRICS if m in metrics]
     if requested:
         result = audit_run(run, requested, methods, classes_of, progress=progress, **(audit_options or {}))
         out["audit"] = result
-        out["markdown"] += "\n" + result["markdown"]
+        out["markdown"] += ("\n" if out["markdown"] else "") + result["markdown"]
     return out
 
 
