@@ -31,7 +31,7 @@ def main():
     for m, seconds in json.loads(args.train_seconds_fix or "{}").items():
         timing[m]["train"] = float(seconds)
     for t in timing.values():
-        t["total"] = round(sum(v for k, v in t.items() if k != "total"), 1)
+        t["total"] = round(sum(v for k, v in t.items() if k not in ("total", "redo")), 1)
     # combined_tables reads the run folders under its `out`: rebuild the report in src, then copy it.
     report = combined_tables(src, args.dataset, found, args.profile, timing)
     for name in ("combined.md", "combined.json", "combined.png"):

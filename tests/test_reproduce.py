@@ -47,3 +47,38 @@ def test_reproduce_runs_every_stage_and_writes_the_combined_report(tmp_path, mon
 def test_reproduce_cli_rejects_unknown_models_and_profiles(capsys):
     assert main(["reproduce", "--models", "vgg16,nope", "--no-progress"]) == 2
     assert main(["reproduce", "--profile", "gpu", "--no-progress"]) == 2
+
+
+def test_reproduce_after_an_edited_profile_refuses_then_force_replaces_and_redoes_the_tables(tmp_path, monkeypatch):
+    import pytest
+
+    from wfnet.run import RunError
+
+    monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": TINY})
+    out = tmp_path / "rep"
+    args = dict(dataset="digits", models=["small_cnn"], profile="cpu", device="cpu", paper_recipe_for=("small_cnn",),
+                progress=False, log=lambda m: None)
+    R.reproduce(out, **args)
+    run = out / "small_cnn"
+    t1_before = (run / "eval" / "table1.json").stat().st_mtime_ns
+    rl_before = json.loads((run / "eval" / "acc_random-labels.json").read_text())
+    rl_mtime = (run / "eval" / "acc_random-labels.json").stat().st_mtime_ns
+    edited = {**TINY, "untrain": {**TINY["untrain"], "max_steps": 3}}
+    monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": edited})
+    with pytest.raises(RunError, match="max_steps: 2 -> 3"):
+        R.reproduce(out, **args)
+    assert json.loads((run / "untrain_summary.json").read_text())["steps"] == 2  # the old gates are untouched
+    R.reproduce(out, force=True, **args)
+    for folder in (run, out / "small_cnn-paper-recipe"):
+        assert json.loads((folder / "untrain_summary.json").read_text())["steps"] == 3
+    assert (run / "eval" / "table1.json").stat().st_mtime_ns > t1_before
+    assert (run / "explain" / "report.md").exists()
+    # evaluate was redone in full: the untouched baseline's rows were recomputed too (same values, new file)
+    assert (run / "eval" / "acc_random-labels.json").stat().st_mtime_ns > rl_mtime
+    assert json.loads((run / "eval" / "acc_random-labels.json").read_text())["per_class"] == rl_before["per_class"]
+    timing = json.loads((out / "timing" / "small_cnn.json").read_text())
+    assert "redo" not in timing and timing["total"] == round(sum(v for k, v in timing.items() if k != "total"), 1)
+    # a second forced run with the same options replaces nothing
+    steps_file = (run / "filters.safetensors").stat().st_mtime_ns
+    R.reproduce(out, force=True, **args)
+    assert (run / "filters.safetensors").stat().st_mtime_ns == steps_file

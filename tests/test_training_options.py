@@ -128,7 +128,7 @@ def test_untraining_stops_at_max_steps_after_validating_and_runs_under_bf16():
 
 def test_vit_tuned_recipe_uses_the_paper_forget_weight():
     vit = U.recipe("tuned", "vit")
-    assert (vit.lambda_retain, vit.lambda_forget, vit.optimizer) == (100.0, 100.0, "adam")
+    assert (vit.lambda_retain, vit.lambda_forget, vit.optimizer) == (200.0, 100.0, "adam")
     assert U.recipe("tuned", "cnn").lambda_forget == 10.0
 
 

@@ -380,6 +380,9 @@ def configure_reproduce(p):
     p.add_argument("--profile", default="cpu", choices=tuple(PROFILES),
                    help="cpu: what 2 CPU cores allow (subsets, few epochs, baselines for a few classes; written "
                         "into the report); paper: the paper's settings (default: cpu)")
+    p.add_argument("--force", action="store_true",
+                   help="replace gates / baseline models made with other options (after editing a profile) and "
+                        "redo evaluate and explain; without it such a folder is refused, naming the differences")
 
 
 def run_reproduce(args):
@@ -389,7 +392,7 @@ def run_reproduce(args):
     info, device = _setup(args)
     try:
         reproduce(args.out, args.dataset, args.models, args.profile, device=device, data_root=args.data_root,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, force=args.force)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
 

@@ -65,7 +65,8 @@ PROFILES: dict[str, dict[str, dict]] = {
         "vit_tiny": {"model": "vit_tiny",
                      "data": {"train_limit": None, "patch_size": 7},  # 54,000 train + 6,000 validation
                      "train": {**_VIT_TRAIN, "epochs": 10, "compile": True},
-                     "untrain": {"max_epochs": 1, "max_steps": 200, "val_per_epoch": 4},
+                     # 300 steps: both bars on the full test set (200 steps with lambda_retain 200: drop 1.84)
+                     "untrain": {"max_epochs": 1, "max_steps": 300, "val_per_epoch": 4},
                      "baselines": {"random-labels": [0], "negative-gradients": None},
                      "baseline_options": {"max_steps": 60},
                      "eval": _CPU_EVAL},
@@ -74,7 +75,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "vit_small": {"model": "vit_small",
                       "data": {"train_limit": None, "patch_size": 7},
                       "train": {**_VIT_TRAIN, "epochs": 2},
-                      "untrain": {"max_epochs": 1, "max_steps": 100, "val_per_epoch": 4},
+                      "untrain": {"max_epochs": 1, "max_steps": 200, "val_per_epoch": 4},
                       "baselines": {"random-labels": [0], "negative-gradients": [0]},
                       "baseline_options": {"max_steps": 60},
                       "eval": {**_CPU_EVAL, "test_limit": 1000, "rt_max_epochs": 5}},
@@ -88,6 +89,9 @@ PROFILES: dict[str, dict[str, dict]] = {
 }
 # Plain VGG-16 does not train from scratch in a few epochs; its BatchNorm variant does (calibration, section 2).
 PROFILES["paper"]["vgg16"]["model"] = "vgg16_bn"
+
+
+_REDO = "redo"  # timing-file key: stages to recompute in full after a forced replacement (not a stage time)
 
 
 def _stage(times: dict, name: str, fn):
@@ -111,9 +115,17 @@ def _paper_recipe_folder(run_dir: Path) -> Path:
 
 def reproduce(out, dataset: str = "mnist", models=BACKBONES, profile: str = "cpu", device=None,
               data_root: str | None = None, paper_recipe_for=("resnet18", "vit_tiny"), progress: bool = True,
-              log=print) -> dict:
-    """Run every stage for every backbone in ``models`` under ``out`` and write the combined report."""
+              force: bool = False, log=print) -> dict:
+    """Run every stage for every backbone in ``models`` under ``out`` and write the combined report.
+
+    A stage already done with the same options is skipped. Gates or baseline models made with other options (an
+    edited profile) are refused with the differences named, or with ``force`` replaced (the old ones stay until
+    the new ones are made); the evaluation and the explanation are then recomputed in full, and the wall times
+    of every replaced stage start again from zero."""
+    from dataclasses import asdict
+
     from .run import Run
+    from .untrain import options_key
 
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
@@ -130,33 +142,62 @@ def reproduce(out, dataset: str = "mnist", models=BACKBONES, profile: str = "cpu
         log(f"== {model} ({p['model']}, {profile} profile) in {run_dir}")
         data = DataConfig(model=p["model"], dataset=dataset, data_root=data_root, **p["data"])
 
-        def timed(name, fn):
-            result = _stage(times, name, fn)
-            times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
+        def save_times():
+            times["total"] = round(sum(v for k, v in times.items() if k not in ("total", _REDO)), 1)
             timing_file.parent.mkdir(exist_ok=True)
             files.write_json(timing_file, times)
+
+        def timed(name, fn):
+            result = _stage(times, name, fn)
+            if name in times.get(_REDO, []):
+                times[_REDO].remove(name)
+                if not times[_REDO]:
+                    del times[_REDO]
+            save_times()
             return result
+
+        def replacing(stages, redo=("evaluate", "explain")):
+            """Before a forced replacement: the stages' old times go, and evaluate / explain are redone in full
+            (remembered in the timing file, so an interrupted rerun still redoes them)."""
+            for name in stages:
+                times.pop(name, None)
+            times[_REDO] = sorted({*times.get(_REDO, []), *redo})
+            for name in redo:
+                times.pop(name, None)
+            save_times()
 
         run = timed("train", lambda: Run.train(
             run_dir, data, TrainConfig(**p["train"]), device=device, progress=progress,
             resume=(run_dir / "train_state.safetensors").exists(), log=log))
+        cfg = run.untrain_config(**p["untrain"])
+        if force and run.untrain_options() not in (None, options_key(cfg)):
+            replacing(["untrain"])
         timed("untrain", lambda: run.untrain(
-            run.untrain_config(**p["untrain"]), progress=progress,
-            resume=(run_dir / "untrain_state.safetensors").exists()))
+            cfg, force=force, progress=progress, resume=(run_dir / "untrain_state.safetensors").exists()))
         if model in paper_recipe_for:
             sib = Run.open(_paper_recipe_folder(run_dir), device=device, data_root=data_root, log=log)
+            sib_cfg = sib.untrain_config(recipe="paper", **p["untrain"])
+            if force and sib.untrain_options() not in (None, options_key(sib_cfg)):
+                replacing(["untrain_paper_recipe"], redo=("evaluate_paper_recipe",))
             timed("untrain_paper_recipe", lambda: sib.untrain(
-                sib.untrain_config(recipe="paper", **p["untrain"]), progress=progress,
+                sib_cfg, force=force, progress=progress,
                 resume=(sib.run_dir / "untrain_state.safetensors").exists()))
             timed("evaluate_paper_recipe", lambda: sib.evaluate(
-                EvalConfig(**{**p["eval"], "metrics": ["acc", "zrf"], "methods": ["wfnet"]}), progress=progress))
+                EvalConfig(**{**p["eval"], "metrics": ["acc", "zrf"], "methods": ["wfnet"]}),
+                force="evaluate_paper_recipe" in times.get(_REDO, []), progress=progress))
         for method, classes in p["baselines"].items():
-            timed(f"baseline_{method}", lambda: run.baselines(
-                [method], classes, BaselineConfig(**p["baseline_options"]), progress=progress))
-        timed("evaluate", lambda: run.evaluate(EvalConfig(**p["eval"]), progress=progress))
+            options = BaselineConfig(**p["baseline_options"])
+            made_with = asdict(TrainConfig(**run.config["train"])) if method == "retrain" else asdict(options)
+            swap = force and run._baseline_options(method) not in (None, made_with)
+            if swap:
+                replacing([f"baseline_{method}"])
+            timed(f"baseline_{method}", lambda: run.baselines([method], classes, options, force=swap,
+                                                              progress=progress))
+        timed("evaluate", lambda: run.evaluate(EvalConfig(**p["eval"]), force="evaluate" in times.get(_REDO, []),
+                                               progress=progress))
         timed("explain", lambda: run.explain(ExplainConfig(insdel_steps=p["eval"].get("insdel_steps", 21),
                                                            test_limit=p["eval"].get("test_limit")),
-                                             progress=progress))
+                                             force="explain" in times.get(_REDO, []), progress=progress))
     found = [m for m in PROFILES[profile] if (out / "timing" / f"{m}.json").exists()]  # also other processes' runs
     timing = {m: files.read_json(out / "timing" / f"{m}.json") for m in found}
     report = combined_tables(out, dataset, found, profile, timing)
@@ -217,7 +258,8 @@ def combined_tables(out, dataset: str, models, profile: str, timing: dict | None
         md.append(f"| {r['backbone']} | {_fmt(r['insertion'])} | {_fmt(p.get('insertion'))} | "
                   f"{_fmt(r['deletion'])} | {_fmt(p.get('deletion'))} |")
     if timing:
-        stages = [k for k in dict.fromkeys(k for t in timing.values() for k in t) if k != "total"] + ["total"]
+        stages = [k for k in dict.fromkeys(k for t in timing.values() for k in t) if k not in ("total", _REDO)]
+        stages.append("total")
         md += ["", "# Wall time per stage (s)", "", "| backbone | " + " | ".join(stages) + " |",
                "|---|" + "---|" * len(stages)]
         for model, t in timing.items():
