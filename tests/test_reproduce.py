@@ -82,3 +82,28 @@ def test_reproduce_after_an_edited_profile_refuses_then_force_replaces_and_redoe
     steps_file = (run / "filters.safetensors").stat().st_mtime_ns
     R.reproduce(out, force=True, **args)
     assert (run / "filters.safetensors").stat().st_mtime_ns == steps_file
+
+
+def test_reproduce_force_replaces_baselines_made_with_other_options_only(tmp_path, monkeypatch):
+    import pytest
+
+    from wfnet.checkpoint import read_state_meta
+    from wfnet.run import RunError
+
+    monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": TINY})
+    out = tmp_path / "rep"
+    args = dict(dataset="digits", models=["small_cnn"], profile="cpu", device="cpu", paper_recipe_for=(),
+                progress=False, log=lambda m: None)
+    R.reproduce(out, **args)
+    model = out / "small_cnn" / "baselines" / "random-labels" / "class_0.safetensors"
+    gates = (out / "small_cnn" / "filters.safetensors").stat().st_mtime_ns
+    edited = {**TINY, "baseline_options": {"max_steps": 3}}
+    monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": edited})
+    with pytest.raises(RunError, match="max_steps: 2 -> 3"):
+        R.reproduce(out, **args)
+    assert read_state_meta(model)["options"]["max_steps"] == 2
+    R.reproduce(out, force=True, **args)
+    assert read_state_meta(model)["options"]["max_steps"] == 3
+    assert (out / "small_cnn" / "filters.safetensors").stat().st_mtime_ns == gates  # same untraining: kept
+    rows = json.loads((out / "small_cnn" / "eval" / "table1.json").read_text())["rows"]
+    assert any(r["method"] == "random-labels" for r in rows)

@@ -124,8 +124,6 @@ def reproduce(out, dataset: str = "mnist", models=BACKBONES, profile: str = "cpu
     edited profile) are refused with the differences named, or with ``force`` replaced (the old ones stay until
     the new ones are made); the evaluation and the explanation are then recomputed in full, and the wall times
     of every replaced stage start again from zero."""
-    from dataclasses import asdict
-
     from .run import Run
     from .untrain import options_key
 
@@ -189,8 +187,7 @@ def reproduce(out, dataset: str = "mnist", models=BACKBONES, profile: str = "cpu
                 force="evaluate_paper_recipe" in times.get(_REDO, []), progress=progress))
         for method, classes in p["baselines"].items():
             options = BaselineConfig(**p["baseline_options"])
-            made_with = asdict(TrainConfig(**run.config["train"])) if method == "retrain" else asdict(options)
-            swap = force and run._baseline_options(method) not in (None, made_with)
+            swap = force and run.baselines_made_otherwise(method, options)
             if swap:
                 replacing([f"baseline_{method}"])
             timed(f"baseline_{method}", lambda: run.baselines([method], classes, options, force=swap,

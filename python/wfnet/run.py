@@ -538,7 +538,7 @@ class Run:
         tcfg = TrainConfig(**self.config["train"])
         root = self.run_dir
         for method in methods:  # check every method before running any
-            made_with = asdict(tcfg) if method == "retrain" else asdict(options)
+            made_with = self.baseline_made_with(method, options)
             old = self._baseline_options(method)
             if old is not None and old != made_with and not force:
                 raise RunError(f"{self.baseline_dir(method)} holds {method} models made with other options "
@@ -548,7 +548,7 @@ class Run:
         stamp_original = self.original_info()["stamp"]
         summaries = {}
         for method in methods:
-            made_with = asdict(tcfg) if method == "retrain" else asdict(options)
+            made_with = self.baseline_made_with(method, options)
             old = self._baseline_options(method)
             final = self.baseline_dir(method)
             pending = final.parent / f".pending-{method}"
@@ -590,6 +590,15 @@ class Run:
             self._say(f"{method}: {len(summaries[method]['seconds'])} classes, "
                       f"{summaries[method]['total_seconds']:.0f} s in total")
         return summaries
+
+    def baseline_made_with(self, method: str, options: BaselineConfig) -> dict:
+        """The options ``method``'s models are made with: the run's training options for retrain, else
+        ``options``."""
+        return asdict(TrainConfig(**self.config["train"])) if method == "retrain" else asdict(options)
+
+    def baselines_made_otherwise(self, method: str, options: BaselineConfig) -> bool:
+        """Whether ``method``'s models exist and were made with options other than these."""
+        return self._baseline_options(method) not in (None, self.baseline_made_with(method, options))
 
     def _baseline_options(self, method: str) -> dict | None:
         saved = _dir_options(self.baseline_dir(method))
