@@ -107,3 +107,18 @@ def test_reproduce_force_replaces_baselines_made_with_other_options_only(tmp_pat
     assert (out / "small_cnn" / "filters.safetensors").stat().st_mtime_ns == gates  # same untraining: kept
     rows = json.loads((out / "small_cnn" / "eval" / "table1.json").read_text())["rows"]
     assert any(r["method"] == "random-labels" for r in rows)
+
+
+def test_combined_report_names_a_backbone_made_with_other_settings_than_the_profile(tmp_path, monkeypatch):
+    monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": TINY})
+    out = tmp_path / "rep"
+    res = R.reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=("small_cnn",),
+                      progress=False, log=lambda m: None)
+    assert res["made_otherwise"] == {} and "Made with other settings" not in res["markdown"]
+    edited = {**TINY, "untrain": {**TINY["untrain"], "max_steps": 3}, "baseline_options": {"max_steps": 4}}
+    monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": edited})
+    report = R.combined_tables(out, "digits", ["small_cnn"], "cpu")  # e.g. another process's backbone, not rerun
+    found = report["made_otherwise"]["small_cnn"]
+    assert any("tuned recipe" in d and "max_steps: 2 -> 3" in d for d in found)
+    assert any("paper recipe" in d for d in found) and "baseline random-labels" in found
+    assert "Made with other settings" in (out / "combined.md").read_text()

@@ -35,7 +35,7 @@ from pathlib import Path
 from . import files, paper
 from .config import BaselineConfig, DataConfig, EvalConfig, ExplainConfig, TrainConfig
 
-__all__ = ["PROFILES", "BACKBONES", "reproduce", "combined_tables"]
+__all__ = ["PROFILES", "BACKBONES", "reproduce", "combined_tables", "made_otherwise"]
 
 BACKBONES = ("vgg16", "resnet18", "vit_tiny", "vit_small")
 
@@ -218,9 +218,43 @@ def _fmt(v, pct: bool = False) -> str:
     return f"{100 * v:.1f}" if pct else f"{v:.2f}"
 
 
+def made_otherwise(out, model: str, profile: str) -> list[str]:
+    """What in ``OUT/<model>`` (and its paper-recipe sibling) was made with other settings than the profile's now
+    (training, untraining, baselines): ``name: old -> new`` per difference; empty when the folder matches."""
+    from dataclasses import asdict
+
+    from .config import with_defaults
+    from .run import Run, differences
+    from .untrain import options_key
+
+    p = PROFILES[profile][model]
+    run_dir = Path(out) / model
+    if not (run_dir / "original.safetensors").exists():
+        return []
+    run = Run.open(run_dir, log=lambda m: None)
+    found = []
+    saved_train = with_defaults(TrainConfig, run.config.get("train") or {})
+    if saved_train != asdict(TrainConfig(**p["train"])):
+        found.append(f"train ({differences(saved_train, asdict(TrainConfig(**p['train'])))})")
+    for folder, name in ((run_dir, "tuned"), (run_dir.with_name(run_dir.name + "-paper-recipe"), "paper")):
+        if not (folder / "filters.safetensors").exists():
+            continue
+        r = run if folder == run_dir else Run.open(folder, log=lambda m: None)
+        key = options_key(r.untrain_config(recipe=name, **p["untrain"]))
+        if r.untrain_options() != key:
+            found.append(f"untrain, {name} recipe ({differences(r.untrain_options(), key)})")
+    options = BaselineConfig(**p["baseline_options"])
+    for method in p["baselines"]:
+        if run.baselines_made_otherwise(method, options):
+            found.append(f"baseline {method}")
+    return found
+
+
 def combined_tables(out, dataset: str, models, profile: str, timing: dict | None = None) -> dict:
-    """The combined Table 1 / Table 2 (ours beside the paper's) and the figure, from each backbone's ``eval/``."""
+    """The combined Table 1 / Table 2 (ours beside the paper's) and the figure, from each backbone's ``eval/``.
+    A backbone whose folder was made with other settings than the profile's is named at the top of the report."""
     out = Path(out)
+    stale = {m: d for m in models if (d := made_otherwise(out, m, profile))}
     t1_rows, t2_rows = [], []
     for model in models:
         for folder, recipe in ((out / model, "tuned"), (out / f"{model}-paper-recipe", "paper")):
@@ -240,7 +274,11 @@ def combined_tables(out, dataset: str, models, profile: str, timing: dict | None
                 for row in json.loads(t2.read_text())["rows"]:
                     t2_rows.append({"backbone": model, "insertion": row["insertion"], "deletion": row["deletion"],
                                     "paper": row.get("paper")})
-    md = [f"# Table 1: {dataset}, ours beside the paper's ({profile} profile)", "",
+    md = []
+    if stale:  # never let the settings printed below describe a folder that does not hold them
+        md += ["**Made with other settings than the profile's below** (rerun `wfnet reproduce --force` for these "
+               "backbones):", ""] + [f"- {m}: {'; '.join(d)}" for m, d in stale.items()] + [""]
+    md += [f"# Table 1: {dataset}, ours beside the paper's ({profile} profile)", "",
           "| backbone | model | classes | Acc_r ours | Acc_r paper | Acc_f ours | Acc_f paper | ZRF ours | ZRF paper "
           "| RT ours | RT paper |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in t1_rows:
@@ -267,6 +305,7 @@ def combined_tables(out, dataset: str, models, profile: str, timing: dict | None
            json.dumps({m: PROFILES[profile][m] for m in models}, indent=1), "```"]
     text = "\n".join(md) + "\n"
     payload = {"dataset": dataset, "profile": profile, "settings": {m: PROFILES[profile][m] for m in models},
+               "made_otherwise": stale,
                "table1": t1_rows, "table2": t2_rows, "timing": timing or {}}
     files.write_json(out / "combined.json", files.json_safe(payload))
     files.write_text(out / "combined.md", text)
