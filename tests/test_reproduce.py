@@ -122,3 +122,76 @@ def test_combined_report_names_a_backbone_made_with_other_settings_than_the_prof
     assert any("tuned recipe" in d and "max_steps: 2 -> 3" in d for d in found)
     assert any("paper recipe" in d for d in found) and "baseline random-labels" in found
     assert "Made with other settings" in (out / "combined.md").read_text()
+
+
+def test_reproduce_killed_during_training_counts_the_killed_process_time(tmp_path, monkeypatch):
+    import time
+
+    import wfnet.train as T
+    from wfnet.checkpoint import read_state_meta
+
+    tiny = {**TINY, "train": {**TINY["train"], "epochs": 2}}
+    monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": tiny})
+    out = tmp_path / "rep"
+    real_save, real_shift = T.save_state, T.random_shift
+
+    def killed_after_first_epoch(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt("killed")
+
+    def slow_first_batch(*a, **k):  # the killed process's epoch takes >= 2 s
+        time.sleep(2.0)
+        monkeypatch.setattr(T, "random_shift", real_shift)
+        return real_shift(*a, **k)
+
+    monkeypatch.setattr(T, "save_state", killed_after_first_epoch)
+    monkeypatch.setattr(T, "random_shift", slow_first_batch)
+    run = lambda: R.reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=(),  # noqa: E731
+                              progress=False, log=lambda m: None)
+    try:
+        run()
+        raise AssertionError("the training was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(T, "save_state", real_save)
+    killed = read_state_meta(out / "small_cnn" / "train_state.safetensors")["seconds"]
+    assert killed >= 2.0 and not (out / "timing" / "small_cnn.json").exists()
+    run()
+    timing = json.loads((out / "timing" / "small_cnn.json").read_text())
+    assert timing["train"] > killed  # the killed epoch plus the resumed one, not only the resumed process's time
+
+
+def test_reproduce_killed_during_untraining_counts_the_killed_process_time(tmp_path, monkeypatch):
+    import time
+
+    import wfnet.untrain as U
+    from wfnet.checkpoint import read_state_meta
+
+    monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": TINY})
+    out = tmp_path / "rep"
+    real_save, real_step = U.save_state, U.untrain_step
+
+    def killed_at_first_checkpoint(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt("killed")
+
+    def slow_first_step(*a, **k):  # the killed process's untraining takes >= 2 s
+        time.sleep(2.0)
+        monkeypatch.setattr(U, "untrain_step", real_step)
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(U, "save_state", killed_at_first_checkpoint)
+    monkeypatch.setattr(U, "untrain_step", slow_first_step)
+    run = lambda: R.reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=(),  # noqa: E731
+                              progress=False, log=lambda m: None)
+    try:
+        run()
+        raise AssertionError("the untraining was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(U, "save_state", real_save)
+    killed = read_state_meta(out / "small_cnn" / "untrain_state.safetensors")["state"]["seconds"]
+    assert killed >= 2.0 and "untrain" not in json.loads((out / "timing" / "small_cnn.json").read_text())
+    run()
+    timing = json.loads((out / "timing" / "small_cnn.json").read_text())
+    assert timing["untrain"] > killed  # the killed process's steps plus the resumed run's evaluation

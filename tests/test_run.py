@@ -3,6 +3,7 @@ that must leave the folder as it was (issue 12's bug), baselines replaced only o
 import hashlib
 import json
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 import wfnet
 from wfnet import Run, RunError, files
+from wfnet.checkpoint import read_state_meta
 from wfnet.cli import main
 from wfnet.config import BaselineConfig, DataConfig, EvalConfig, TrainConfig
 from run_invariants import check_run_folder
@@ -250,14 +252,26 @@ def test_interrupted_training_is_resumed_or_replaced(tmp_path, monkeypatch):
         real_save(*a, **k)
         raise KeyboardInterrupt("killed")
 
+    real_shift = T.random_shift
+
+    def slow_first_epoch(*a, **k):  # the killed process's epoch takes >= 2 s
+        time.sleep(2.0)
+        monkeypatch.setattr(T, "random_shift", real_shift)
+        return real_shift(*a, **k)
+
     monkeypatch.setattr(T, "save_state", killed_after_first_epoch)
+    monkeypatch.setattr(T, "random_shift", slow_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         Run.train(out, DATA, replace(TRAIN, epochs=2), progress=False, log=False)
     monkeypatch.setattr(T, "save_state", real_save)
     assert sorted(os.listdir(out)) == ["config.json", "train_state.safetensors"]
+    killed = read_state_meta(out / "train_state.safetensors")
+    assert killed["seconds"] >= 2.0 and killed["history"][0]["seconds"] >= 2.0
     check_run_folder(out)
     with pytest.raises(RunError, match=r"--resume: the interrupted training .* used other options \(train.lr"):
         Run.train(out, DATA, replace(TRAIN, epochs=2, lr=0.1), resume=True, progress=False, log=False)
     run = Run.train(out, DATA, replace(TRAIN, epochs=2), resume=True, progress=False, log=False)
+    # the original's training time counts the killed process's (slow) epoch, not only the resumed process's
+    assert run.original_info()["seconds"] > killed["seconds"]
     assert check_run_folder(out)["original"] == run.original_info()["stamp"]
     assert not (out / "train_state.safetensors").exists()

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from . import files, paper
+from .checkpoint import read_state_meta
 from .config import BaselineConfig, DataConfig, EvalConfig, ExplainConfig, TrainConfig
 
 __all__ = ["PROFILES", "BACKBONES", "reproduce", "combined_tables", "made_otherwise"]
@@ -99,11 +100,21 @@ _REDO = "redo"  # timing-file key: stages to recompute in full after a forced re
 
 def _stage(times: dict, name: str, fn):
     """Run one stage and add its wall time to ``times[name]``: the seconds spent in the stage over every invocation
-    (an interrupted stage counts its parts; a finished stage that is skipped adds only the check)."""
+    that finished it (a finished stage that is skipped adds only the check). A killed invocation writes nothing:
+    training and untraining add a killed process's time from their state files (``_killed_seconds``)."""
     t0 = time.time()
     out = fn()
     times[name] = round(times.get(name, 0.0) + time.time() - t0, 1)
     return out
+
+
+def _killed_seconds(state_path: Path, untrain: bool = False) -> float:
+    """The wall time that killed processes spent in a training / untraining whose state file is about to be resumed:
+    the state keeps it (up to its last checkpoint); 0 without a state file."""
+    if not state_path.exists():
+        return 0.0
+    meta = read_state_meta(state_path)
+    return float((meta.get("state", {}) if untrain else meta).get("seconds", 0.0))
 
 
 def _paper_recipe_folder(run_dir: Path) -> Path:
@@ -167,14 +178,18 @@ def reproduce(out, dataset: str = "mnist", models=BACKBONES, profile: str = "cpu
                 times.pop(name, None)
             save_times()
 
+        train_state = run_dir / "train_state.safetensors"
+        times["train"] = round(times.get("train", 0.0) + _killed_seconds(train_state), 1)
         run = timed("train", lambda: Run.train(
             run_dir, data, TrainConfig(**p["train"]), device=device, progress=progress,
-            resume=(run_dir / "train_state.safetensors").exists(), log=log))
+            resume=train_state.exists(), log=log))
         cfg = run.untrain_config(**p["untrain"])
         if force and run.untrain_options() not in (None, options_key(cfg)):
             replacing(["untrain"])
+        untrain_state = run_dir / "untrain_state.safetensors"
+        times["untrain"] = round(times.get("untrain", 0.0) + _killed_seconds(untrain_state, untrain=True), 1)
         timed("untrain", lambda: run.untrain(
-            cfg, force=force, progress=progress, resume=(run_dir / "untrain_state.safetensors").exists()))
+            cfg, force=force, progress=progress, resume=untrain_state.exists()))
         if model in paper_recipe_for:
             sib = Run.open(_paper_recipe_folder(run_dir), device=device, data_root=data_root, log=log)
             sib_cfg = sib.untrain_config(recipe="paper", **p["untrain"])

@@ -245,10 +245,11 @@ class Run:
                                resume=resume, info=info, progress=progress)
         if info.is_main:
             meta = {"stamp": _stamp(), "train": asdict(train), "test_acc": res["test_acc"],
-                    "seconds": time.time() - t0}
+                    "seconds": res["seconds"]}  # the whole training, an interrupted process's epochs included
             save_model(model, files.staging_path(out, ORIGINAL), meta)
             files.commit(out, new=[ORIGINAL], stale=[TRAIN_STATE])
-        run._say(f"test accuracy {res['test_acc']:.2f}% ({time.time() - t0:.0f} s); saved {out / ORIGINAL}")
+        resumed = f", {time.time() - t0:.0f} s in this process" if res["seconds"] > time.time() - t0 + 1 else ""
+        run._say(f"test accuracy {res['test_acc']:.2f}% ({res['seconds']:.0f} s{resumed}); saved {out / ORIGINAL}")
         return run
 
     # ----------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -95,9 +96,12 @@ def _scheduler(opt, cfg: TrainConfig, total_steps: int):
 def train_classifier(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfig, device,
                      checkpoint: str | os.PathLike | None = None, resume: bool = False,
                      info: DistInfo | None = None, progress: bool = True, desc: str = "train") -> dict:
-    """Train ``model`` in place; returns {"test_acc", "epochs", "history"}.
+    """Train ``model`` in place; returns {"test_acc", "epochs", "history", "seconds"}.
 
     ``checkpoint``: where the per-epoch training state goes (and is resumed from with ``resume=True``).
+    ``seconds`` is the wall time of the whole training, the epochs of an interrupted process included (the state
+    remembers them), so a resumed training reports what it cost, not only its last part; each history entry has
+    its epoch's ``seconds``.
     """
     info = info or DistInfo()
     if cfg.epochs is None:
@@ -108,19 +112,22 @@ def train_classifier(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg:
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     autocast(device, cfg.amp)  # an unknown mode fails here, before any work
-    start_epoch, history = 0, []
+    start_epoch, history, seconds_before = 0, [], 0.0
+    t0 = time.time()
     if resume and checkpoint is not None and Path(checkpoint).exists():
         tensors, meta = load_state(checkpoint)
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         optimizer_from_flat(opt, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer"])
         sched.load_state_dict(meta["scheduler"])
         start_epoch, history = meta["epoch"], meta["history"]
+        seconds_before = meta.get("seconds", 0.0)  # states written before this key existed count from here
     ddp = model
     if info.enabled:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:  # the compiled module shares the parameters: the state saved below stays the eager model's
         ddp = torch.compile(ddp)
     for epoch in range(start_epoch, cfg.epochs):
+        t_epoch = time.time()
         model.train()
         loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, cfg.num_workers, info, epoch)
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and info.is_main),
@@ -140,14 +147,17 @@ def train_classifier(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg:
             total_loss += loss.item() * y.numel()
             n += y.numel()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        history.append({"epoch": epoch + 1, "train_loss": total_loss / max(n, 1)})
+        history.append({"epoch": epoch + 1, "train_loss": total_loss / max(n, 1),
+                        "seconds": round(time.time() - t_epoch, 1)})
         if checkpoint is not None and info.is_main:
             opt_tensors, opt_meta = optimizer_to_flat(opt)
             tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
             tensors.update(opt_tensors)
             save_state(checkpoint, tensors, {"epoch": epoch + 1, "history": history, "optimizer": opt_meta,
-                                             "scheduler": sched.state_dict(), "config": asdict(cfg)})
+                                             "scheduler": sched.state_dict(), "config": asdict(cfg),
+                                             "seconds": seconds_before + time.time() - t0})
     model.eval()
     test_acc = accuracy(model, make_loader(test_ds, 512), device)
-    return {"test_acc": test_acc, "epochs": cfg.epochs, "history": history}
+    return {"test_acc": test_acc, "epochs": cfg.epochs, "history": history,
+            "seconds": seconds_before + time.time() - t0}
 
