@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 from . import files, paper
-from .checkpoint import read_state_meta
 from .config import BaselineConfig, DataConfig, EvalConfig, ExplainConfig, TrainConfig
 
 __all__ = ["PROFILES", "BACKBONES", "reproduce", "combined_tables", "made_otherwise"]
@@ -113,6 +112,8 @@ def _killed_seconds(state_path: Path, untrain: bool = False) -> float:
     the state keeps it (up to its last checkpoint); 0 without a state file."""
     if not state_path.exists():
         return 0.0
+    from .checkpoint import read_state_meta  # not at the top: `wfnet --help` imports this module, not safetensors
+
     meta = read_state_meta(state_path)
     return float((meta.get("state", {}) if untrain else meta).get("seconds", 0.0))
 
