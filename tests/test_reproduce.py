@@ -2,6 +2,8 @@
 combined tables beside the paper's rows, the figure, and a rerun that skips finished stages."""
 import json
 
+import pytest
+
 import wfnet.reproduce as R
 from wfnet.cli import main
 
@@ -124,74 +126,43 @@ def test_combined_report_names_a_backbone_made_with_other_settings_than_the_prof
     assert "Made with other settings" in (out / "combined.md").read_text()
 
 
-def test_reproduce_killed_during_training_counts_the_killed_process_time(tmp_path, monkeypatch):
+
+@pytest.mark.parametrize("stage", ["train", "untrain"])
+def test_reproduce_killed_during_a_stage_counts_the_killed_process_time(tmp_path, monkeypatch, stage):
+    """A process killed in training (after its first epoch) or untraining (at its first checkpoint), whose first
+    batch / step is slowed to >= 2 s: the resumed run's timing file counts the killed process's time (kept in the
+    state file), not only its own."""
     import time
 
     import wfnet.train as T
-    from wfnet.checkpoint import read_state_meta
-
-    tiny = {**TINY, "train": {**TINY["train"], "epochs": 2}}
-    monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": tiny})
-    out = tmp_path / "rep"
-    real_save, real_shift = T.save_state, T.random_shift
-
-    def killed_after_first_epoch(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt("killed")
-
-    def slow_first_batch(*a, **k):  # the killed process's epoch takes >= 2 s
-        time.sleep(2.0)
-        monkeypatch.setattr(T, "random_shift", real_shift)
-        return real_shift(*a, **k)
-
-    monkeypatch.setattr(T, "save_state", killed_after_first_epoch)
-    monkeypatch.setattr(T, "random_shift", slow_first_batch)
-    run = lambda: R.reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=(),  # noqa: E731
-                              progress=False, log=lambda m: None)
-    try:
-        run()
-        raise AssertionError("the training was not interrupted")
-    except KeyboardInterrupt:
-        pass
-    monkeypatch.setattr(T, "save_state", real_save)
-    killed = read_state_meta(out / "small_cnn" / "train_state.safetensors")["seconds"]
-    assert killed >= 2.0 and not (out / "timing" / "small_cnn.json").exists()
-    run()
-    timing = json.loads((out / "timing" / "small_cnn.json").read_text())
-    assert timing["train"] > killed  # the killed epoch plus the resumed one, not only the resumed process's time
-
-
-def test_reproduce_killed_during_untraining_counts_the_killed_process_time(tmp_path, monkeypatch):
-    import time
-
     import wfnet.untrain as U
     from wfnet.checkpoint import read_state_meta
 
-    monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": TINY})
+    module, slow_name = (T, "random_shift") if stage == "train" else (U, "untrain_step")
+    tiny = {**TINY, "train": {**TINY["train"], "epochs": 2}} if stage == "train" else TINY
+    monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": tiny})
     out = tmp_path / "rep"
-    real_save, real_step = U.save_state, U.untrain_step
+    real_save, real_slow = module.save_state, getattr(module, slow_name)
 
     def killed_at_first_checkpoint(*a, **k):
         real_save(*a, **k)
         raise KeyboardInterrupt("killed")
 
-    def slow_first_step(*a, **k):  # the killed process's untraining takes >= 2 s
+    def slow_once(*a, **k):
         time.sleep(2.0)
-        monkeypatch.setattr(U, "untrain_step", real_step)
-        return real_step(*a, **k)
+        monkeypatch.setattr(module, slow_name, real_slow)
+        return real_slow(*a, **k)
 
-    monkeypatch.setattr(U, "save_state", killed_at_first_checkpoint)
-    monkeypatch.setattr(U, "untrain_step", slow_first_step)
+    monkeypatch.setattr(module, "save_state", killed_at_first_checkpoint)
+    monkeypatch.setattr(module, slow_name, slow_once)
     run = lambda: R.reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=(),  # noqa: E731
                               progress=False, log=lambda m: None)
-    try:
+    with pytest.raises(KeyboardInterrupt):
         run()
-        raise AssertionError("the untraining was not interrupted")
-    except KeyboardInterrupt:
-        pass
-    monkeypatch.setattr(U, "save_state", real_save)
-    killed = read_state_meta(out / "small_cnn" / "untrain_state.safetensors")["state"]["seconds"]
-    assert killed >= 2.0 and "untrain" not in json.loads((out / "timing" / "small_cnn.json").read_text())
+    monkeypatch.setattr(module, "save_state", real_save)
+    meta = read_state_meta(out / "small_cnn" / f"{stage}_state.safetensors")
+    killed = meta["seconds"] if stage == "train" else meta["state"]["seconds"]
+    timing_file = out / "timing" / "small_cnn.json"
+    assert killed >= 2.0 and stage not in (json.loads(timing_file.read_text()) if timing_file.exists() else {})
     run()
-    timing = json.loads((out / "timing" / "small_cnn.json").read_text())
-    assert timing["untrain"] > killed  # the killed process's steps plus the resumed run's evaluation
+    assert json.loads(timing_file.read_text())[stage] > killed  # the killed part plus the resumed run's own
