@@ -145,31 +145,35 @@ def _save_z(g) -> bool:
     return torch.is_grad_enabled() and g.requires_grad
 
 
-def wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows, segments=None, path: str | None = None):
+def wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows, segments=None, path: str | None = None,
+              gates=None):
     """Fused filtered linear on [B, ..., K]. ``rows``: validated int64 [B]; ``segments``: (perm, starts) of the rows
     or a callable returning them (built here when None; only used when a gate logit needs a gradient); ``path``
-    None = ``dispatch.linear_path``."""
+    None = ``dispatch.linear_path``. ``gates``: per-sample gates ``(g, gb)`` given directly (fp32 [B, C], e.g.
+    composed for forget sets by ``wfnet.sets``; their gradient flows back through autograd) in place of the rows."""
     b, k = x.shape[0], x.shape[-1]
     x3 = x.reshape(b, -1, k)
     if not x3.is_contiguous():
         x3 = x3.contiguous()
     if path is None:
         path = dispatch.linear_path((x3.shape[0] * x3.shape[1], k), weight, x.dtype)[0]
-    g, gb = sample_gates(alpha_weight, alpha_bias, bias, rows, _segments_fn(rows, alpha_weight.shape[0], segments))
+    g, gb = gates if gates is not None else sample_gates(alpha_weight, alpha_bias, bias, rows,
+                                                         _segments_fn(rows, alpha_weight.shape[0], segments))
     out, _ = torch.ops.wf_kernels.linear_fwd(x3, weight, g, gb, path, _save_z(g), dot_precision("linear", x.dtype))
     return out.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
 def wf_conv2d(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups, segments=None,
-              path: str | None = None):
-    """Fused filtered conv2d (normalised args as the backends get them; ``segments`` as in :func:`wf_linear`);
-    ``path`` None = ``dispatch.conv_path``."""
+              path: str | None = None, gates=None):
+    """Fused filtered conv2d (normalised args as the backends get them; ``segments`` and ``gates`` as in
+    :func:`wf_linear`); ``path`` None = ``dispatch.conv_path``."""
     cl = is_channels_last(x)
     if not (cl or x.is_contiguous()):
         x = x.contiguous()
     if path is None:
         path = dispatch.conv_path(x, weight, stride, padding, dilation, groups, cl)[0]
-    g, gb = sample_gates(alpha_weight, alpha_bias, bias, rows, _segments_fn(rows, alpha_weight.shape[0], segments))
+    g, gb = gates if gates is not None else sample_gates(alpha_weight, alpha_bias, bias, rows,
+                                                         _segments_fn(rows, alpha_weight.shape[0], segments))
     out, _ = torch.ops.wf_kernels.conv2d_fwd(x, weight, g, gb, list(stride), list(padding), list(dilation),
                                              int(groups), path, _save_z(g), dot_precision("conv2d", x.dtype))
     return out

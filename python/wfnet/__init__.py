@@ -16,7 +16,7 @@ from ._version import __version__
 _EXPORTS = {
     "ops": None, "adapters": None, "audit": None, "rows": None, "model": None, "layers": None, "backends": None,
     "metrics": None, "untrain": None, "data": None, "models": None, "config": None, "evaluate": None,
-    "explain": None, "run": None,
+    "explain": None, "run": None, "sets": None,
     "wrap": "model", "WFModel": "model", "forgetting": "model", "export": "model", "find_targets": "model",
     "TargetPlan": "model", "Target": "model", "CoverageError": "model", "UnsupportedModelError": "model",
     "WFConv2d": "layers", "WFLinear": "layers", "WFMultiheadAttention": "layers",

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import ops, sets
 from .rows import LayerRows, RowRouter, Rows
 
 __all__ = ["WFConv2d", "WFLinear", "WFMultiheadAttention", "FilteredLayer"]
@@ -98,18 +98,28 @@ class FilteredLayer:
                              f"{self.weight.device}; move one of them")
 
     @torch.no_grad()
-    def gate(self, row: int, which: str = "weight") -> torch.Tensor:
-        """sigmoid(alpha[row]) for one class row: the per-channel scale that row applies (1 = channel kept)."""
+    def gate(self, row, which: str = "weight") -> torch.Tensor:
+        """sigmoid(alpha[row]) for one class row: the per-channel scale that row applies (1 = channel kept). ``row``
+        may also be one SET of classes (a list of class ids, or a bool mask [num_classes]): the composed gates
+        (:mod:`wfnet.sets`)."""
         alpha = self.alpha_weight if which == "weight" else self.alpha_bias
         if alpha is None:
             raise ValueError(f"{type(self).__name__} has no {which} gates")
+        if sets.is_set_list([row]) or (isinstance(row, torch.Tensor) and row.dtype == torch.bool):
+            mask = row.reshape(1, -1) if isinstance(row, torch.Tensor) else sets.sets_to_mask([row], self.num_classes)
+            if isinstance(row, torch.Tensor) and row.dim() != 1:
+                raise ValueError(f"gate() takes one set (a bool mask [{self.num_classes}]), got a mask of shape "
+                                 f"{list(row.shape)}")
+            sets.check_mask(mask, self.num_classes, 1)
+            return sets.compose_gates(alpha, mask.to(alpha.device))[0].float()
         rows = Rows.prepare(row, self.num_classes)
         if not isinstance(rows.value, int):
             raise TypeError(f"gate() takes one class row (an int), got {row!r}")
         return torch.sigmoid(alpha[rows.value].float())
 
     def _baked(self, row, hard: float | None = None):
-        """(weight gates, bias gates or None, removed-channel mask) of one row, in the layer's dtype, for export.
+        """(weight gates, bias gates or None, removed-channel mask) of one row (or one set, see :meth:`gate`), in the
+        layer's dtype, for export.
         With ``hard``, every output channel whose weight gate is below it is removed: weight AND bias gate 0."""
         gw = self.gate(row)
         removed = gw < hard if hard is not None else torch.zeros_like(gw, dtype=torch.bool)

@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from . import adapters
+from . import adapters, sets
 from .layers import FilteredLayer, WFConv2d, WFLinear, WFMultiheadAttention
 from .rows import RowRouter
 
@@ -529,8 +529,10 @@ HARD_EXPORT_THRESHOLD = 0.5
 
 
 @torch.no_grad()
-def export(wf: WFModel, forget: int, hard: bool | float | None = None) -> nn.Module:
+def export(wf: WFModel, forget, hard: bool | float | None = None) -> nn.Module:
     """A plain copy of the inner model with class ``forget``'s gates baked into the weights (no wfnet layers left).
+    ``forget`` may also be one SET of classes (a list of class ids, e.g. ``[3, 7]``): its composed gates
+    (:mod:`wfnet.sets`) are baked in, and the hard threshold applies to them.
 
     Soft export (``hard=None``): its outputs equal ``wf(x, forget=forget)`` up to float rounding (the gate multiplies
     the weights instead of the layer output); a closed channel keeps sigmoid(alpha) of its weights (0.25% at the
@@ -551,6 +553,15 @@ def export(wf: WFModel, forget: int, hard: bool | float | None = None) -> nn.Mod
     if hard is not None and not (isinstance(hard, (int, float)) and 0.0 < float(hard) <= 1.0):
         raise ValueError(f"hard must be a gate threshold in (0, 1] (or True for {HARD_EXPORT_THRESHOLD}), got {hard!r}")
     hard = None if hard is None else float(hard)
+    if isinstance(forget, (list, tuple, set, frozenset, range)):
+        forget = list(forget)
+        sets.sets_to_mask([forget], wf.num_classes)  # raises on a non-int, out-of-range or repeated class
+        forget = sorted(forget)
+        if not forget:
+            raise ValueError("export needs a class or a non-empty set of classes to forget (an empty set is the "
+                             "original model)")
+    elif isinstance(forget, bool) or not isinstance(forget, int):
+        raise TypeError(f"export forget must be a class id or a list of class ids, got {forget!r}")
     model = copy.deepcopy(wf.model)
     removed_per_layer = {}
     for name in wf.layer_names:
@@ -566,7 +577,7 @@ def export(wf: WFModel, forget: int, hard: bool | float | None = None) -> nn.Mod
                 t = getattr(parent, part)
                 t.mul_(gb[offset:offset + t.numel()].to(t.dtype))
                 offset += t.numel()
-    model.wfnet_export = {"forget": int(forget), "hard": hard, "removed": removed_per_layer,
+    model.wfnet_export = {"forget": forget, "hard": hard, "removed": removed_per_layer,
                           "removed_total": sum(r for r, _ in removed_per_layer.values()),
                           "channels_total": sum(n for _, n in removed_per_layer.values())}
     return model

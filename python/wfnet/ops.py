@@ -12,6 +12,11 @@ bias passes ``bias=None`` (and then ``alpha_bias`` must be None too).
 Rows are validated by :class:`wfnet.rows.Rows` before any backend or kernel sees them: an out-of-range row raises
 ``ValueError`` naming the value and ``num_classes``. ``rows`` may also be a ``Rows`` prepared beforehand (e.g. once per
 model forward, as the filtered layers do); then nothing is re-checked.
+
+Forget SETS (``rows`` a bool mask [B, N_c] or a list of class lists, see :mod:`wfnet.sets`): sample n's gates are
+the composition of its classes' rows, ``g_n = compose(sigmoid(A_w[r]) for r in set_n)`` (and the same for A_b), in
+place of ``sigmoid(A[r_n])`` above. They are computed here in torch (so gradients reach A through the composition)
+and given to the backend's ``conv2d_gates`` / ``linear_gates`` as per-sample gates (g, gated bias: fp32 [B, C]).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 
 from .backends import resolve_backend
 from .rows import LayerRows, Rows
+from .sets import set_gates
 
 __all__ = ["wf_conv2d", "wf_linear"]
 
@@ -93,7 +99,11 @@ def conv2d_prepared(x, weight, bias, alpha_weight, alpha_bias, rows: LayerRows, 
     x, padding = _resolve_conv_padding(x, weight, stride, padding, dilation)
     args = dict(x=x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias, rows=rows,
                 stride=stride, padding=padding, dilation=dilation, groups=int(groups))
-    return resolve_backend("conv2d", backend, args).conv2d(**args)
+    chosen = resolve_backend("conv2d", backend, args)
+    if rows.mask is not None:  # forget sets: gates composed here (differentiable), the backend applies them
+        g, gb = set_gates(alpha_weight, alpha_bias, bias, rows.mask)
+        return chosen.conv2d_gates(x, weight, g, gb, stride, padding, dilation, int(groups))
+    return chosen.conv2d(**args)
 
 
 def wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows, backend=None):
@@ -112,4 +122,8 @@ def wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows, backend=None):
 def linear_prepared(x, weight, bias, alpha_weight, alpha_bias, rows: LayerRows, backend=None):
     """:func:`wf_linear` for rows already validated and bound to ``x`` (what the filtered layers call)."""
     args = dict(x=x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias, rows=rows)
-    return resolve_backend("linear", backend, args).linear(**args)
+    chosen = resolve_backend("linear", backend, args)
+    if rows.mask is not None:  # forget sets (see conv2d_prepared)
+        g, gb = set_gates(alpha_weight, alpha_bias, bias, rows.mask)
+        return chosen.linear_gates(x, weight, g, gb)
+    return chosen.linear(**args)

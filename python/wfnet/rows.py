@@ -1,7 +1,9 @@
 """Class rows: the one home of the row type, its validation, and the router that hands rows to filtered layers.
 
 A *row* is a class index 0..N_c-1 per sample: "run this sample as if class r was unlearned". Rows arrive as an int (one
-row for the whole batch), a sequence or an integer tensor [B], or None (the original model).
+row for the whole batch), a sequence or an integer tensor [B], or None (the original model). A sample may also forget
+a SET of classes: a bool mask [B, N_c] (True = forget that class) or a list of class lists (see :mod:`wfnet.sets`,
+which also says how the rows' gates compose); a mask has only its shape checked.
 
 :class:`Rows` is a batch's rows after validation. It is built ONCE per model forward (``Rows.prepare``): dtype, shape
 and range are checked where the rows live (on the CPU for CPU rows, so a GPU forward pays no sync for them; one
@@ -27,6 +29,8 @@ import threading
 from typing import Iterator, NamedTuple
 
 import torch
+
+from . import sets
 
 __all__ = ["Rows", "LayerRows", "RowRouter", "RouteFrame", "prepare_rows", "row_error"]
 
@@ -77,13 +81,24 @@ class Rows:
             if not 0 <= rows < num_classes:
                 raise row_error(rows, num_classes)
             return cls(rows, num_classes, None)
+        if isinstance(rows, (list, tuple)) and sets.is_set_list(rows):  # one class list per sample: a mask
+            rows = sets.sets_to_mask(rows, num_classes)
+        if isinstance(rows, torch.Tensor) and rows.dtype == torch.bool:
+            # a set per sample [B, N_c]: only its shape is checked (any bool is valid), so nothing is read from the
+            # device (no sync, nothing data-dependent under torch.compile)
+            sets.check_mask(rows, num_classes, batch)
+            return cls(rows, num_classes, rows.shape[0])
         if not isinstance(rows, torch.Tensor):
             try:
                 rows = torch.as_tensor(rows)
             except (TypeError, ValueError, RuntimeError) as exc:
                 raise TypeError(f"forget rows must be an int, a sequence of ints or an integer tensor: {exc}") from None
-        if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
-            raise TypeError(f"forget rows must be an integer tensor (int64 class ids), got dtype {rows.dtype}")
+        if rows.dtype == torch.bool:  # e.g. a nested list / numpy array of bools
+            sets.check_mask(rows, num_classes, batch)
+            return cls(rows, num_classes, rows.shape[0])
+        if rows.dtype.is_floating_point or rows.dtype.is_complex:
+            raise TypeError(f"forget rows must be an integer tensor (int64 class ids) or a bool mask [B, "
+                            f"num_classes], got dtype {rows.dtype}")
         if rows.dim() == 0:
             if torch.compiler.is_compiling():  # no int() of a traced value: one row per sample, on the device
                 rows = rows.reshape(1) if batch is None else rows.reshape(1).expand(batch)
@@ -91,10 +106,12 @@ class Rows:
                 VALIDATIONS[0] -= 1  # counted once, in the recursive call (never reached while compiling)
                 return cls.prepare(int(rows), num_classes, batch)
         if rows.dim() != 1:
+            hint = (f"; for a SET of classes per sample pass a bool mask [B, {num_classes}] or a list of class "
+                    f"lists")
             if batch is not None:
-                raise _shape_error(batch, rows.shape)
+                raise ValueError(str(_shape_error(batch, rows.shape)) + hint)
             raise ValueError(f"forget rows must be an int or a 1-d tensor [B] (one class row per sample), got shape "
-                             f"{list(rows.shape)}")
+                             f"{list(rows.shape)}" + hint)
         if batch is not None and rows.shape[0] != batch:
             raise _shape_error(batch, rows.shape)
         rows = rows.long()
@@ -139,6 +156,10 @@ class Rows:
             return cached
         if isinstance(self.value, int):
             t = torch.full((n,), self.value, dtype=torch.long, device=device)
+        elif self.is_set:  # the bool mask [n, N_c]; a folded sample's set repeated
+            t = self._move(self.value, device)
+            if fold > 1:
+                t = t.repeat_interleave(fold, dim=0)
         else:
             t = self._move(self.value, device)
             if fold > 1:
@@ -159,7 +180,10 @@ class Rows:
     def segments(self, device, n: int | None = None, folded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(perm, starts)`` for deterministic per-class reductions over the rows on ``device``: ``perm`` [n] sorts
         the samples by row (stable), ``starts`` [N_c + 1] gives class r's samples as ``perm[starts[r]:starts[r+1]]``
-        (empty for classes without samples). Built once per batch and device, no host sync."""
+        (empty for classes without samples). Built once per batch and device, no host sync. Not defined for sets
+        (a sample of a set contributes to several rows; their gradient flows through the composition instead)."""
+        if self.is_set:
+            raise TypeError("segments() is for one class row per sample; forget sets have no per-class segments")
         idx = self.on(device, n, folded)
         key = (idx.device, idx.shape[0])
         cached = self._segments.get(key)
@@ -172,22 +196,35 @@ class Rows:
             self._segments[key] = seg
         return seg
 
+    @property
+    def is_set(self) -> bool:
+        """Whether these are forget SETS (a bool mask [B, N_c]; see wfnet.sets)."""
+        return isinstance(self.value, torch.Tensor) and self.value.dtype == torch.bool
+
     def bind(self, x: torch.Tensor, folded: bool = False) -> "LayerRows":
         """These rows for one layer input ``x`` (see :meth:`on`), as the backends take them."""
+        if self.is_set:
+            return LayerRows(None, self, folded, self.on(x.device, x.shape[0], folded))
         return LayerRows(self.on(x.device, x.shape[0], folded), self, folded)
 
     def __repr__(self):
+        if self.is_set:
+            return f"Rows(sets: mask{list(self.value.shape)} on {self.value.device}, num_classes={self.num_classes})"
         what = self.value if isinstance(self.value, int) else f"tensor[{self.batch}] on {self.value.device}"
         return f"Rows({what}, num_classes={self.num_classes})"
 
 
 class LayerRows(NamedTuple):
     """What a backend gets: the validated rows of its input (``index``, int64 [n] on the input's device) and where
-    they came from, so that per-batch structures (``segments()``) are shared by every layer of the forward."""
+    they came from, so that per-batch structures (``segments()``) are shared by every layer of the forward.
 
-    index: torch.Tensor
+    For forget SETS, ``index`` is None and ``mask`` is the bool mask [n, N_c] on the input's device; ``wfnet.ops``
+    composes the gates (``wfnet.sets``) and hands the backends per-sample gates instead of rows."""
+
+    index: torch.Tensor | None
     rows: Rows
     folded: bool = False
+    mask: torch.Tensor | None = None
 
     def segments(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rows.segments(self.index.device, self.index.shape[0], self.folded)

@@ -5,7 +5,11 @@ Every backend computes the same function (see ``wfnet.ops``); they differ in how
 * ``name``
 * ``unsupported(op, x, weight, ...) -> list[str]``: the reasons it cannot take this input (empty list = it can);
 * ``conv2d(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups)``;
-* ``linear(x, weight, bias, alpha_weight, alpha_bias, rows)``.
+* ``linear(x, weight, bias, alpha_weight, alpha_bias, rows)``;
+* ``conv2d_gates(x, weight, g, gb, stride, padding, dilation, groups)`` / ``linear_gates(x, weight, g, gb)``: the same
+  with per-sample gates given directly (fp32 [B, C]: weight gate and gated bias), what forget SETS use (the gates are
+  composed in ``wfnet.ops`` by ``wfnet.sets``). A backend that cannot take them says so in ``unsupported`` when
+  ``rows.mask`` is set (the cuda backend does), so "auto" falls back and an explicit request raises.
 
 The ops hand backends *normalised* arguments: rows as a validated :class:`wfnet.rows.LayerRows` (``.index``: int64
 [B] on x's device, in range; ``.segments()``: the per-batch sort by row, shared by every layer of a forward), padding

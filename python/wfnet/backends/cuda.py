@@ -149,6 +149,12 @@ class CudaBackend:
                 reasons.append(f"{name} must be a floating-point tensor, got {a.dtype}")
         if bias is not None and not bias.dtype.is_floating_point:
             reasons.append(f"bias must be a floating-point tensor, got {bias.dtype}")
+        if getattr(rows, "mask", None) is not None:
+            # the compiled epilogue gathers sigmoid(alpha)[rows] itself and takes no per-sample gates; "auto" falls
+            # back to triton / torch, which apply the composed gates
+            reasons.append("forget sets (a class mask per sample) need per-sample composed gates, which the compiled "
+                           "epilogue of wfnet._C does not take (it reads one class row per sample); use "
+                           "backend='triton' or 'torch'")
         return reasons
 
     def conv2d(self, x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups):

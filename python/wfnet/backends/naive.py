@@ -30,6 +30,13 @@ def _masked(weight, bias, alpha_weight, alpha_bias, rows):
     return w, b
 
 
+def _masked_gates(weight, g, gb):
+    """The masked weights [B, C_out, ...] and biases [B, C_out] from per-sample gates given directly."""
+    dtype = weight.dtype
+    w = weight.unsqueeze(0) * g.to(dtype).view(g.shape + (1,) * (weight.dim() - 1))
+    return w, None if gb is None else gb.to(dtype)
+
+
 class NaiveBackend:
     name = "naive"
 
@@ -37,9 +44,16 @@ class NaiveBackend:
         return []
 
     def conv2d(self, x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups):
+        w, b = _masked(weight.to(x.dtype), None if bias is None else bias.to(x.dtype), alpha_weight, alpha_bias, rows.index)
+        return self._conv(x, weight, w, b, stride, padding, dilation, groups)
+
+    def conv2d_gates(self, x, weight, g, gb, stride, padding, dilation, groups):
+        w, b = _masked_gates(weight.to(x.dtype), g, gb)
+        return self._conv(x, weight, w, b, stride, padding, dilation, groups)
+
+    def _conv(self, x, weight, w, b, stride, padding, dilation, groups):
         n = x.shape[0]
         c_out = weight.shape[0]
-        w, b = _masked(weight.to(x.dtype), None if bias is None else bias.to(x.dtype), alpha_weight, alpha_bias, rows.index)
         if n == 0:
             out = F.conv2d(x, weight.to(x.dtype), None, stride, padding, dilation, groups)
             return out
@@ -50,9 +64,16 @@ class NaiveBackend:
         return out.reshape(n, c_out, out.shape[-2], out.shape[-1])
 
     def linear(self, x, weight, bias, alpha_weight, alpha_bias, rows):
-        n = x.shape[0]
         w, b = _masked(weight.to(x.dtype), None if bias is None else bias.to(x.dtype), alpha_weight, alpha_bias,
                        rows.index)
+        return self._linear(x, weight, w, b)
+
+    def linear_gates(self, x, weight, g, gb):
+        w, b = _masked_gates(weight.to(x.dtype), g, gb)
+        return self._linear(x, weight, w, b)
+
+    def _linear(self, x, weight, w, b):
+        n = x.shape[0]
         tokens = math.prod(x.shape[1:-1])  # explicit: reshape cannot infer -1 when B == 0
         xt = x.reshape(n, tokens, x.shape[-1])  # [B, T, F_in]
         out = torch.bmm(xt, w.transpose(1, 2))  # [B, T, F_out]

@@ -47,6 +47,21 @@ def apply_gate(z: torch.Tensor, bias, alpha_weight, alpha_bias, rows, channel_di
     return torch.addcmul(gated_bias, z, gate, out=out)
 
 
+def apply_sample_gates(z: torch.Tensor, g: torch.Tensor, gb, channel_dim: int) -> torch.Tensor:
+    """``z * g + gb`` for per-sample gates given directly (g, gated bias gb: fp32 [B, C], e.g. composed for forget
+    sets by ``wfnet.sets``), broadcast over ``z``'s positions. Overwrites the fresh ``z`` when no graph is needed."""
+    shape = [1] * z.dim()
+    shape[0] = z.shape[0]
+    shape[channel_dim] = z.shape[channel_dim]
+    gate = g.to(z.dtype).view(shape)
+    gated_bias = None if gb is None else gb.to(z.dtype).view(shape)
+    needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, gate, gated_bias))
+    out = None if needs_graph else z
+    if gated_bias is None:
+        return torch.mul(z, gate, out=out)
+    return torch.addcmul(gated_bias, z, gate, out=out)
+
+
 class TorchBackend:
     name = "torch"
 
@@ -60,6 +75,15 @@ class TorchBackend:
     def linear(self, x, weight, bias, alpha_weight, alpha_bias, rows):
         z = F.linear(x, weight)
         return apply_gate(z, bias, alpha_weight, alpha_bias, rows.index, channel_dim=z.dim() - 1)
+
+    # per-sample gates given directly (forget sets, see wfnet.ops)
+    def conv2d_gates(self, x, weight, g, gb, stride, padding, dilation, groups):
+        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        return apply_sample_gates(z, g, gb, channel_dim=1)
+
+    def linear_gates(self, x, weight, g, gb):
+        z = F.linear(x, weight)
+        return apply_sample_gates(z, g, gb, channel_dim=z.dim() - 1)
 
 
 BACKEND = TorchBackend()

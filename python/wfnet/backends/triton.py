@@ -65,5 +65,18 @@ class TritonBackend:
     def linear(self, x, weight, bias, alpha_weight, alpha_bias, rows):
         return _kops.wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows.index, segments=rows.segments)
 
+    # per-sample gates given directly (forget sets, see wfnet.ops): the same fused kernels, which read [B, C] gates
+    def conv2d_gates(self, x, weight, g, gb, stride, padding, dilation, groups):
+        return _kops.wf_conv2d(x, weight, None, None, None, None, stride, padding, dilation, groups,
+                               gates=_fp32(g, gb))
+
+    def linear_gates(self, x, weight, g, gb):
+        return _kops.wf_linear(x, weight, None, None, None, None, gates=_fp32(g, gb))
+
+
+def _fp32(g, gb):
+    """The kernels read fp32 gates, [B, C] with unit channel stride (g dense; gb may be a broadcast bias)."""
+    return g.float().contiguous(), None if gb is None else gb.float()
+
 
 BACKEND = TritonBackend()

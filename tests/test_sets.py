@@ -1,0 +1,252 @@
+"""Forget SETS of classes per sample (wfnet.sets): the mask / class-list forms of ``forget``, their errors, the
+composed gates on every backend (against a per-sample masked-weight reference), gradients through the composition,
+torch.compile with no recompile per new set, ``forgetting(...)`` and export of a set."""
+import pytest
+import torch
+import torch.nn as nn
+
+import wfnet
+from wfnet import sets
+from wfnet.backends import BackendUnavailableError
+
+NC = 4
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1, bias=False),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, NC))
+
+
+def _wrapped(seed=1):
+    wf = wfnet.wrap(_net(), NC)
+    g = torch.Generator().manual_seed(seed)
+    for p in wf.filter_parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 2)
+    return wf
+
+
+def _mask(sets_, nc=NC):
+    return sets.sets_to_mask(sets_, nc)
+
+
+def _reference(wf, x, mask, how):
+    """Per sample: a plain copy of the model whose conv weights / biases are scaled by the composed gates, written
+    out literally per class of the set (independent of wfnet.sets.compose_gates)."""
+    outs = []
+    for n in range(x.shape[0]):
+        model = _net()
+        model.load_state_dict({k: v for k, v in wf.model.state_dict().items() if "alpha" not in k})
+        for (name, layer), plain in zip(wf.filtered_layers().items(), [model[0], model[2]]):
+            classes = torch.nonzero(mask[n]).flatten().tolist()
+            gw = torch.ones(layer.out_channels)
+            gb = torch.ones(layer.out_channels)
+            for c in classes:
+                sw = torch.sigmoid(layer.alpha_weight[c].detach())
+                gw = gw * sw if how == "product" else torch.minimum(gw, sw)
+                if layer.alpha_bias is not None:
+                    sb = torch.sigmoid(layer.alpha_bias[c].detach())
+                    gb = gb * sb if how == "product" else torch.minimum(gb, sb)
+            with torch.no_grad():
+                plain.weight.mul_(gw.view(-1, 1, 1, 1))
+                if plain.bias is not None:
+                    plain.bias.mul_(gb)
+        outs.append(model(x[n:n + 1]))
+    return torch.cat(outs)
+
+
+SETS = [[], [2], [0, 3], [3, 1, 2], [0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("how", sets.COMPOSITIONS)
+@pytest.mark.parametrize("backend", ["torch", "naive", "triton"])
+def test_sets_match_the_per_sample_reference_on_every_backend(backend, how):
+    if backend == "triton":
+        pytest.importorskip("wf_kernels.ops")
+    wf = _wrapped()
+    x = torch.randn(len(SETS), 3, 6, 6)
+    mask = _mask(SETS)
+    with wfnet.use_backend(backend), sets.use_composition(how):
+        out = wf(x, forget=mask)
+        assert torch.equal(out, wf(x, forget=SETS))  # the class-list form is the same mask
+    torch.testing.assert_close(out, _reference(wf, x, mask, how), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_empty_set_is_the_original_model_and_a_one_class_set_is_that_row(backend):
+    if backend == "triton":
+        pytest.importorskip("wf_kernels.ops")
+    wf = _wrapped()
+    x = torch.randn(3, 3, 6, 6)
+    with wfnet.use_backend(backend):
+        out = wf(x, forget=[[], [1], []])
+        assert torch.equal(out[[0, 2]], wf(x)[[0, 2]])  # bit for bit: every composed gate is exactly 1
+        torch.testing.assert_close(out[1], wf(x, forget=1)[1], rtol=1e-6, atol=1e-6)
+        # one set for the whole batch: an expanded [1, N_c] mask
+        one = torch.tensor([[False, True, False, True]]).expand(3, -1)
+        assert torch.equal(wf(x, forget=one), wf(x, forget=[[1, 3]] * 3))
+
+
+def test_index_rows_keep_their_meaning():
+    wf = _wrapped()
+    x = torch.randn(2, 3, 6, 6)
+    # an int list / 1-d int tensor is one class per sample, not a set
+    assert torch.equal(wf(x, forget=[1, 3]), wf(x, forget=torch.tensor([1, 3])))
+    torch.testing.assert_close(wf(x, forget=[1, 3]), wf(x, forget=[[1], [3]]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    ([[1, 1], [2]], ValueError, "lists class 1 twice"),
+    ([[1], [4]], ValueError, "class 4, out of range: num_classes=4"),
+    ([[1], [-1]], ValueError, "out of range"),
+    ([[1], 2], TypeError, "do not mix"),
+    ([[1.5], [2]], TypeError, "must be ints"),
+    (torch.zeros(2, 5, dtype=torch.bool), ValueError, r"shape \[2, 4\]"),
+    (torch.zeros(3, 4, dtype=torch.bool), ValueError, r"shape \[2, 4\]"),
+    (torch.zeros(4, dtype=torch.bool), TypeError, "2-d bool mask"),
+    (torch.zeros(2, 4, 1, dtype=torch.bool), ValueError, "forget mask must have shape"),
+    ([[1], [2], [3]], ValueError, r"shape \[2, 4\]"),
+    (torch.tensor([[1, 2], [0, 3]]), ValueError, "bool mask"),
+])
+def test_bad_sets_are_clear_errors(bad, exc, match):
+    wf = _wrapped()
+    with pytest.raises(exc, match=match):
+        wf(torch.randn(2, 3, 6, 6), forget=bad)
+
+
+def test_forgetting_context_takes_sets():
+    wf = _wrapped()
+    x = torch.randn(2, 3, 6, 6)
+    mask = _mask([[0, 2], [1]])
+    with wfnet.forgetting(wf, mask):
+        inner = wf.model(x)
+    assert torch.equal(inner, wf(x, forget=mask))
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive", "triton"])
+def test_gate_gradients_flow_through_the_composition(backend):
+    if backend == "triton":
+        pytest.importorskip("wf_kernels.ops")
+    wf = _wrapped()
+    x = torch.randn(3, 3, 6, 6)
+    mask = _mask([[0, 2], [], [1, 2, 3]])
+    with wfnet.use_backend(backend):
+        wf(x, forget=mask).square().sum().backward()
+    grads = [p.grad.clone() for p in wf.filter_parameters()]
+    wf.zero_grad()
+    # reference: the torch backend on an explicitly composed, differentiable expression
+    with wfnet.use_backend("torch"):
+        wf(x, forget=mask).square().sum().backward()
+    for g, r in zip(grads, [p.grad for p in wf.filter_parameters()]):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    # rows of classes used by no sample get no gradient; used ones do
+    first = wf.filtered_layers()["0"].alpha_weight.grad
+    assert first[[0, 1, 2, 3]].abs().sum(1).gt(0).all()
+
+
+def test_gradcheck_of_both_compositions():
+    a = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    mask = _mask([[0, 2], [1], [], [0, 1, 3]])
+    for how in sets.COMPOSITIONS:
+        assert torch.autograd.gradcheck(lambda t: sets.compose_gates(t, mask, how), (a,))
+
+
+def test_a_backend_that_refuses_sets_raises_when_asked_and_auto_falls_back(monkeypatch):
+    """The registry's contract the cuda backend relies on (its unsupported() names forget sets; the real one is
+    checked on a GPU in test_cuda_ext.py): an explicit request raises with the reason, "auto" takes the next."""
+    from wfnet import backends as B
+
+    class Refuses:
+        name = "cuda"
+
+        def unsupported(self, op, rows=None, **args):
+            return ["forget sets need per-sample gates"] if rows is not None and rows.mask is not None else []
+
+    monkeypatch.setitem(B._loaded, "cuda", Refuses())
+    monkeypatch.setitem(B._auto_cache, torch.device("cpu"), (("cuda", "torch"), "test order"))
+    wf = _wrapped()
+    x = torch.randn(2, 3, 6, 6)
+    with wfnet.use_backend("cuda"), pytest.raises(BackendUnavailableError, match="forget sets need per-sample"):
+        wf(x, forget=[[0], [1, 2]])
+    with wfnet.use_backend("auto"):
+        out = wf(x, forget=[[0], [1, 2]])
+    with wfnet.use_backend("torch"):
+        assert torch.equal(out, wf(x, forget=[[0], [1, 2]]))
+
+
+@pytest.mark.parametrize("backend, compiler", [("torch", "eager"), ("triton", "aot_eager")])
+def test_compile_takes_new_sets_without_recompiling(backend, compiler):
+    """fullgraph (no graph break), outputs and gate gradients as eager, and no recompile for a new set once warm
+    (the Triton path records its dispatch decision on the first call, which costs one recompile whatever the rows)."""
+    if backend == "triton":
+        pytest.importorskip("wf_kernels.ops")
+    from torch._dynamo.utils import counters
+
+    wf = _wrapped()
+    x = torch.randn(3, 3, 6, 6)
+    torch._dynamo.reset()
+    compiled = torch.compile(wf, fullgraph=True, backend=compiler)
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.rand(3, NC, generator=g) < 0.5 for _ in range(5)]
+    with wfnet.use_backend(backend):
+        for i, mask in enumerate(masks):
+            if i == 2:
+                counters.clear()
+            out = compiled(x, forget=mask)
+            out.square().sum().backward()
+            grads = [p.grad.clone() for p in wf.filter_parameters()]
+            wf.zero_grad()
+            with wfnet.use_backend("torch"):
+                ref = wf(x, forget=mask)
+                ref.square().sum().backward()
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            for a, b in zip(grads, [p.grad for p in wf.filter_parameters()]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            wf.zero_grad()
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])  # 3 new sets, no new graph
+    assert not counters["recompiles"], dict(counters["recompiles"])
+
+
+def test_export_bakes_a_set():
+    wf = _wrapped()
+    x = torch.randn(2, 3, 6, 6)
+    soft = wfnet.export(wf, [3, 1])
+    assert soft.wfnet_export["forget"] == [1, 3]
+    torch.testing.assert_close(soft(x), wf(x, forget=[[1, 3], [1, 3]]), rtol=1e-5, atol=1e-5)
+    hard = wfnet.export(wf, [1, 3], hard=True)
+    closed = sum(r for r, _ in hard.wfnet_export["removed"].values())
+    gates = torch.cat([layer.gate([1, 3]) for layer in wf.filtered_layers().values()])
+    assert closed == int((gates < 0.5).sum())
+    with pytest.raises(ValueError, match="twice"):
+        wfnet.export(wf, [1, 1])
+    with pytest.raises(ValueError, match="non-empty set"):
+        wfnet.export(wf, [])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_sets_on_a_gpu(backend):
+    """On a GPU: the cuda backend refuses sets when asked (its compiled epilogue reads class rows only) and "auto"
+    never hands them to it; triton matches the torch backend in outputs and gate gradients."""
+    status = wfnet.backends.backend_status("cuda")[backend]
+    if not status["runs_here"]:
+        pytest.skip(f"{backend} cannot run here: {status['why_not']}")
+    wf = _wrapped().cuda()
+    x = torch.randn(4, 3, 6, 6, device="cuda")
+    mask = _mask([[0, 2], [], [1], [0, 1, 2, 3]]).cuda()
+    if backend == "cuda":
+        with wfnet.use_backend("cuda"), pytest.raises(BackendUnavailableError, match="forget sets"):
+            wf(x, forget=mask)
+        with wfnet.use_backend("auto"):
+            out = wf(x, forget=mask)
+        with wfnet.use_backend("torch"):
+            torch.testing.assert_close(out, wf(x, forget=mask), rtol=1e-4, atol=1e-4)
+        return
+    with wfnet.use_backend("triton"):
+        wf(x, forget=mask).square().sum().backward()
+    grads = [p.grad.clone() for p in wf.filter_parameters()]
+    wf.zero_grad()
+    with wfnet.use_backend("torch"):
+        wf(x, forget=mask).square().sum().backward()
+    for g, r in zip(grads, [p.grad for p in wf.filter_parameters()]):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4)
