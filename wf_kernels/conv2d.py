@@ -10,7 +10,8 @@ W_out) before the single store. fp32 operands use TF32 only where torch allows i
 and (c, kh, kw) for NCHW. groups=1 only; grouped / depthwise convs go to the epilogue path.
 
 Epilogue path: cuDNN ``F.conv2d`` without bias, then ONE fused Triton gate pass (``epilogue.gate_forward``).
-Which path a shape takes is decided by ``dispatch.conv_path`` (measured table; default epilogue).
+Which path a shape takes is decided by ``dispatch.conv_path`` (measured, else roofline-predicted, per shape; with
+neither, epilogue), which also says why.
 
 Output memory format follows the input: channels_last in, channels_last out (as cuDNN does). Offsets are int32:
 tensors of 2**31 elements or more are refused by the backend's ``unsupported``.

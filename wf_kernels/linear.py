@@ -9,7 +9,8 @@ output is stored once. Accumulation is fp32; fp32 operands use TF32 only where t
 autograd would save; the backward needs sum grad_out * z).
 
 The other path, "epilogue" (cuBLAS matmul, then ``epilogue.gate_forward``), is used where the fused GEMM cannot run
-correctly (bf16 under the Triton interpreter, whose tl.dot is wrong for bf16) or when forced (see ``dispatch``).
+correctly (bf16 under the Triton interpreter, whose tl.dot is wrong for bf16), when forced, or where a measurement or
+the roofline prediction for the GPU ranks it faster (see ``dispatch``).
 """
 from __future__ import annotations
 
