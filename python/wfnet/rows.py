@@ -151,7 +151,8 @@ class Rows:
                 raise ValueError(f"a folded layer's leading size {n} is not a multiple of the batch size {batch}")
             fold = n // batch
         key = (device, n)
-        cached = self._on.get(key)
+        # nothing is cached while compiling / exporting (n may be a SymInt there, which is unhashable)
+        cached = None if torch.compiler.is_compiling() else self._on.get(key)
         if cached is not None:
             return cached
         if isinstance(self.value, int):
@@ -186,7 +187,7 @@ class Rows:
             raise TypeError("segments() is for one class row per sample; forget sets have no per-class segments")
         idx = self.on(device, n, folded)
         key = (idx.device, idx.shape[0])
-        cached = self._segments.get(key)
+        cached = None if torch.compiler.is_compiling() else self._segments.get(key)
         if cached is not None:
             return cached
         sorted_rows, perm = torch.sort(idx, stable=True)

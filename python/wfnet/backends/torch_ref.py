@@ -40,7 +40,9 @@ def apply_gate(z: torch.Tensor, bias, alpha_weight, alpha_bias, rows, channel_di
     # z is a fresh tensor made by the caller: when autograd does not need it, overwrite it instead of allocating
     # (on CPU the new output's page faults cost about as much as the epilogue itself).
     needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, gate, gated_bias))
-    out = None if needs_graph else z
+    # under torch.export: the functional op, so the exported program has no out= variant (it could not run with
+    # grad enabled, and the ONNX exporter would have to functionalise it)
+    out = None if needs_graph or torch.compiler.is_exporting() else z
     if gated_bias is None:
         return torch.mul(z, gate, out=out)
     # one pass over z (gated_bias + z * gate): "z * gate + gated_bias" reads and writes the big tensor twice
@@ -56,7 +58,7 @@ def apply_sample_gates(z: torch.Tensor, g: torch.Tensor, gb, channel_dim: int) -
     gate = g.to(z.dtype).view(shape)
     gated_bias = None if gb is None else gb.to(z.dtype).view(shape)
     needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, gate, gated_bias))
-    out = None if needs_graph else z
+    out = None if needs_graph or torch.compiler.is_exporting() else z
     if gated_bias is None:
         return torch.mul(z, gate, out=out)
     return torch.addcmul(gated_bias, z, gate, out=out)
