@@ -32,6 +32,7 @@ def device(monkeypatch):
     """Pretend to run on a named GPU; the table and the computed-decision cache are restored afterwards."""
     saved_table = json.loads(json.dumps(dispatch.TABLE))
     monkeypatch.setattr(dispatch, "_computed", {})
+    monkeypatch.setattr(dispatch, "_nearest_memo", {})
 
     def set_name(name):
         monkeypatch.setattr(dispatch, "DEVICE_NAME", name)
@@ -130,7 +131,7 @@ def test_fp32_prediction_follows_the_tf32_flag(device, monkeypatch):
     assert "(table" in dispatch.conv_path(*args, 1, False)[1]            # made with torch's default: cuDNN TF32 on
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     path, reason = dispatch.conv_path(*args, 1, False)
-    assert "computed for this shape" in reason and "'tf32': False" in reason
+    assert "computed for this shape" in reason and "tf32=False" in reason
 
 
 def test_unknown_gpu_and_cpu_take_the_fixed_defaults(device):
@@ -227,3 +228,30 @@ def test_roofline_cli_writes_labelled_tables_and_dispatch_sections(tmp_path):
     table.write_text(json.dumps({H100: {"k": {"path": "epilogue"}}, "roofline:H200": {"old": {}}}))
     R.write_dispatch({"roofline:H200": {"new": {"path": "gemm"}}}, table)
     assert json.loads(table.read_text()) == {H100: {"k": {"path": "epilogue"}}, "roofline:H200": {"new": {"path": "gemm"}}}
+
+
+def test_decisions_trace_under_torch_compile_fullgraph(device):
+    """wf_conv2d / wf_linear call dispatch inside torch.compile traces: every step (table, computed roofline,
+    nearest-batch measurement) must trace without a graph break, also once the batch size turns dynamic."""
+    device(H100)
+    w = torch.randn(512, 512, 3, 3)   # ResNet-18 layer4 (in the table at B=256)
+
+    def f(x):
+        conv, _ = dispatch.conv_path(x, w, (1, 1), (1, 1), (1, 1), 1, False)
+        lin, _ = dispatch.linear_path((x.shape[0] * 3, 8), w.flatten(1)[:, :8], torch.float32)
+        return x + (1.0 if conv == "implicit_gemm" else 2.0) + (10.0 if lin == "gemm" else 20.0)
+
+    dispatch.TABLE.setdefault(H100, {})[dispatch.shape_key("conv2d", torch.float32, (8, 512, 7, 7), w.shape, (1, 1),
+                                                           (1, 1), (1, 1), 1, False)] = {
+        "path": "implicit_gemm", "implicit_gemm_ms": 0.5, "epilogue_ms": 1.0, "source": "measured"}
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    try:
+        for b, why in ((256, "(table"), (7, "nearest measured batch to B=7"), (40, "computed for this shape")):
+            x = torch.zeros(b, 512, 7, 7)
+            out = compiled(x)
+            path, reason = dispatch.last_decisions["conv2d"]
+            assert why in reason, (b, reason)
+            assert float(out[0, 0, 0, 0]) == (1.0 if path == "implicit_gemm" else 2.0) + 10.0
+    finally:
+        torch._dynamo.reset()

@@ -76,6 +76,7 @@ DEVICE_NAME = _device_name()
 _forced = {"conv2d": os.environ.get("WFNET_TRITON_CONV_PATH") or None,
            "linear": os.environ.get("WFNET_TRITON_LINEAR_PATH") or None}
 last_decisions: dict[str, tuple[str, str]] = {}
+_nearest_memo: dict[tuple, tuple] = {}        # nearest-batch measurement per (device, key, section id, size)
 _computed: dict[tuple, tuple[str, str]] = {}  # roofline decisions computed at run time (step 5): spec, key, TF32
 
 
@@ -109,10 +110,20 @@ def is_measured(entry: dict) -> bool:
 def _measured(key: str):
     """(entry, note): this device's measurement of ``key``, else of the same layer at the nearest batch (within
     ``NEAREST_BATCH_RATIO``), else (None, "")."""
-    section = TABLE.get(DEVICE_NAME, {})
+    section = TABLE.get(DEVICE_NAME)
+    if not section:
+        return None, ""
     entry = section.get(key)
     if entry is not None and is_measured(entry):
         return entry, ""
+    # the scan below runs once per key and state of the section (a forward calls this once per filtered layer)
+    memo_key = (DEVICE_NAME, key, id(section), len(section))
+    if memo_key not in _nearest_memo:
+        _nearest_memo[memo_key] = _nearest_batch(section, key)
+    return _nearest_memo[memo_key]
+
+
+def _nearest_batch(section: dict, key: str):
     m = _BATCH_FIELD.search(key)
     if m is None:
         return None, ""
@@ -142,7 +153,19 @@ def _predicted(key: str, spec, dtype, tf32: bool):
 
 
 def _times(entry: dict, paths, unit: str) -> str:
-    return ", ".join(f"{p} {entry[f'{p}_{unit}']:.4g} {unit}" for p in paths)
+    # plain str(round()) concatenation: torch.compile traces this, and dynamo mis-handles nested format specs
+    return ", ".join(p + " " + str(round(float(entry[p + "_" + unit]), 4)) + " " + unit for p in paths)
+
+
+def _ints(sizes) -> tuple:
+    """Concrete sizes. Under torch.compile a dynamic size is a SymInt that int() keeps symbolic (the roofline
+    arithmetic on it then cannot be compared or formatted); formatting it specialises it to its value, as building
+    the shape key always did, so a decision is made per concrete shape."""
+    return tuple(int(f"{v}") for v in sizes)
+
+
+def _assumes(entry: dict) -> str:
+    return ", ".join(k + "=" + str(v) for k, v in sorted(entry.get("assumes", {}).items()))
 
 
 def conv_prediction(spec, dtype, x_shape, w_shape, stride, padding, dilation, groups, channels_last,
@@ -151,7 +174,8 @@ def conv_prediction(spec, dtype, x_shape, w_shape, stride, padding, dilation, gr
     to the table and what step 5 computes for shapes the table lacks."""
     t = roofline.conv_path_seconds(spec, dtype, x_shape, w_shape, stride, padding, dilation, groups, tf32, ig_eff)
     key = shape_key("conv2d", dtype, x_shape, w_shape, stride, padding, dilation, groups, channels_last)
-    entry = {"path": min(CONV_PATHS, key=lambda p: t[p]),
+    # (no min(key=...): dynamo cannot trace it; a tie keeps the vendor kernel)
+    entry = {"path": "implicit_gemm" if t["implicit_gemm"] < t["epilogue"] else "epilogue",
              **{f"{p}_us": round(t[p] * 1e6, 3) for p in CONV_PATHS},
              "source": f"roofline prediction {spec.name} {roofline.PREDICTION_DATE}",
              "assumes": {"implicit_gemm_eff": ig_eff, "tf32": bool(tf32) if dtype == torch.float32 else None}}
@@ -164,7 +188,7 @@ def linear_prediction(spec, dtype, m: int, k: int, n: int, tf32: bool,
     the batch is not part of the key, so the small [B, n] gate reads are left out)."""
     t = roofline.linear_path_seconds(spec, dtype, m, k, n, None, tf32, gemm_eff)
     key = shape_key("linear", dtype, (m, k), (n, k))
-    entry = {"path": min(LINEAR_PATHS, key=lambda p: t[p]),
+    entry = {"path": "gemm" if t["gemm"] < t["epilogue"] else "epilogue",
              **{f"{p}_us": round(t[p] * 1e6, 3) for p in LINEAR_PATHS},
              "source": f"roofline prediction {spec.name} {roofline.PREDICTION_DATE}",
              "assumes": {"gemm_eff": gemm_eff, "tf32": bool(tf32) if dtype == torch.float32 else None}}
@@ -182,13 +206,13 @@ def _decide(op: str, key: str, paths, dtype, tf32: bool, predict, default: tuple
     entry = _predicted(key, spec, dtype, tf32)
     if entry is not None:
         return entry["path"], (f"{entry['source']} (table; no measurement on {DEVICE_NAME} yet): "
-                               f"{_times(entry, paths, 'us')} predicted, assuming {entry['assumes']}")
+                               f"{_times(entry, paths, 'us')} predicted, assuming {_assumes(entry)}")
     cache_key = (spec.name, key, tf32)
     if cache_key not in _computed:
         _, e = predict(spec)
         _computed[cache_key] = (e["path"], f"roofline prediction {spec.name} computed for this shape (not in the "
                                            f"table; no measurement on {DEVICE_NAME}): {_times(e, paths, 'us')} "
-                                           f"predicted, assuming {e['assumes']}")
+                                           f"predicted, assuming {_assumes(e)}")
     return _computed[cache_key]
 
 
@@ -202,7 +226,7 @@ def conv_path(x, weight, stride, padding, dilation, groups, channels_last) -> tu
     elif forced is not None:
         decision = (forced, "forced by force_path / WFNET_TRITON_CONV_PATH")
     else:
-        xs, ws = tuple(x.shape), tuple(weight.shape)
+        xs, ws = _ints(x.shape), _ints(weight.shape)
         key = shape_key("conv2d", x.dtype, xs, ws, stride, padding, dilation, groups, channels_last)
         tf32 = bool(torch.backends.cudnn.allow_tf32)
         decision = _decide(
@@ -225,9 +249,8 @@ def linear_path(x2_shape, weight, dtype) -> tuple[str, str]:
     elif forced is not None:
         decision = (forced, "forced by force_path / WFNET_TRITON_LINEAR_PATH")
     else:
-        m, k = int(x2_shape[0]), int(x2_shape[1])
-        n = int(weight.shape[0])
-        key = shape_key("linear", dtype, (m, k), tuple(weight.shape))
+        m, k, n = _ints((x2_shape[0], x2_shape[1], weight.shape[0]))
+        key = shape_key("linear", dtype, (m, k), (n, k))
         tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
         decision = _decide(
             "linear", key, LINEAR_PATHS, dtype, tf32,

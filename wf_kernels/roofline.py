@@ -115,7 +115,7 @@ def conv_path_seconds(spec: DeviceSpec, dtype: torch.dtype, x_shape, w_shape, st
     b, c_in, h, w = x_shape
     c_out, c_per_group, kh, kw = w_shape
     ho, wo = conv_out_hw(h, w, (kh, kw), stride, padding, dilation)
-    es = torch.empty((), dtype=dtype).element_size()
+    es = dtype.itemsize
     x_b, w_b, z_b = b * c_in * h * w * es, c_out * c_per_group * kh * kw * es, b * c_out * ho * wo * es
     gates = b * c_out * GATE_BYTES_PER_CHANNEL
     flops = 2.0 * b * ho * wo * c_out * c_per_group * kh * kw
@@ -132,7 +132,7 @@ def linear_path_seconds(spec: DeviceSpec, dtype: torch.dtype, m: int, k: int, n:
     the gate epilogue, at ``gemm_eff`` of cuBLAS) and "epilogue" (cuBLAS, then one gate pass). ``batch`` samples own
     the m rows (their [batch, n] gates are read once); None leaves the gate bytes out (dispatch does not know the
     batch; at ViT token counts the gates are ~200x smaller than the output)."""
-    es = torch.empty((), dtype=dtype).element_size()
+    es = dtype.itemsize
     x_b, w_b, z_b = m * k * es, n * k * es, m * n * es
     gates = 0 if batch is None else batch * n * GATE_BYTES_PER_CHANNEL
     flops = 2.0 * m * n * k
