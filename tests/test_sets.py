@@ -250,3 +250,62 @@ def test_sets_on_a_gpu(backend):
         wf(x, forget=mask).square().sum().backward()
     for g, r in zip(grads, [p.grad for p in wf.filter_parameters()]):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ untraining with sets
+def test_expand_batch_sets_holds_the_label_in_forget_sets_only():
+    from wfnet.untrain import expand_batch_sets
+
+    x, y = torch.randn(10, 1, 2, 2), torch.arange(10) % 6
+    inputs, mask, labels, nf = expand_batch_sets(x, y, 6, 3, 4, torch.Generator().manual_seed(0))
+    assert inputs.shape[0] == labels.shape[0] == mask.shape[0] == 5 + 3 * 5 and nf == 5
+    hit = mask[torch.arange(labels.shape[0]), labels]
+    assert hit[:nf].all() and not hit[nf:].any()
+    sizes = mask.sum(1)
+    assert sizes.min() >= 1 and sizes.max() <= 4 and len(set(sizes.tolist())) > 1
+    assert torch.equal(inputs[nf:nf + 5], x[5:]) and torch.equal(labels[:nf], y[:5])
+    with pytest.raises(ValueError, match="set_size"):
+        expand_batch_sets(x, y, 6, 3, 0, torch.Generator())
+
+
+def test_untraining_with_sets_moves_every_row_through_the_composition():
+    from torch.utils.data import TensorDataset
+
+    from wfnet import untrain as U
+    from wfnet.models import SmallCNN
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(48) % 4
+    x = torch.randn(48, 1, 8, 8, generator=g)
+    torch.manual_seed(0)
+    wf = wfnet.wrap(SmallCNN(4, 1, widths=(4, 6, 8)).eval(), 4)
+    ds = TensorDataset(x, y)
+    cfg = U.recipe("tuned", "cnn", batch_size=16, max_epochs=1, val_per_epoch=1, set_size=3)
+    summary = U.untrain(wf, ds, ds, cfg, torch.device("cpu"), progress=False)
+    assert summary["config"]["set_size"] == 3
+    for name, p in wf.named_filter_parameters():
+        assert not torch.equal(p, torch.full_like(p, 3.0)), name  # every class row moved
+
+
+# ------------------------------------------------------------------------------------------ set evaluation
+def test_random_sets_are_distinct_sorted_and_seeded():
+    from wfnet.set_eval import random_sets
+
+    a = random_sets(10, 3, 6, seed=1)
+    assert a == random_sets(10, 3, 6, seed=1) and a != random_sets(10, 3, 6, seed=2)
+    assert len({tuple(s) for s in a}) == 6 and all(s == sorted(s) and len(set(s)) == 3 for s in a)
+    with pytest.raises(ValueError, match="only 10 distinct"):
+        random_sets(5, 2, 11)
+    with pytest.raises(ValueError, match="set size"):
+        random_sets(5, 5, 1)
+
+
+def test_set_row_counts_forget_and_retain_samples():
+    from wfnet.set_eval import set_row
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    pred = torch.tensor([0, 1, 1, 1, 0, 2, 3, 0])  # class 0: 1/2 right, class 2: 1/2, retain {1, 3}: 3/4
+    logits = torch.nn.functional.one_hot(pred, 4).float()
+    row = set_row(logits, labels, [0, 2], rlogits=torch.zeros(8, 4))
+    assert row["acc_f"] == {0: 50.0, 2: 50.0} and row["acc_r"] == 75.0 and row["acc_f_max"] == 50.0
+    assert 0.4 < row["zrf"] < 1.0

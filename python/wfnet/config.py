@@ -101,6 +101,10 @@ class UntrainConfig:
     eps: float = opt(0.05, "guard in 1/(CE_f + eps)")
     alpha_clamp: float | None = opt(6.0, "clamp the gate logits to [-c, c] after each step (0 or less: no clamp)")
     chi: int = opt(3, "copies of the retain half in label expansion")
+    set_size: int = opt(0, "label expansion with forget SETS: every expanded sample runs with a random set of 1..K "
+                           "classes (the forget half's sets hold its label, the retain half's do not), so that "
+                           "composed sets keep retain accuracy (0 = one class row per sample, the paper's; see "
+                           "docs/results/sets)")
     batch_size: int = opt(128, "mini-batch size before label expansion")
     init: float = opt(3.0, "initial gate logit (3 -> sigmoid 0.95)")
     amp: str = opt("off", "bf16: untrain under bfloat16 autocast (gates and their optimizer stay fp32)",

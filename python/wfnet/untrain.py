@@ -6,6 +6,10 @@ One mini-batch of B samples trains all class rows at once by *label expansion* (
 * retain half (B/2 samples), replicated ``chi`` times: each copy runs with a row drawn uniformly among the classes
   other than its label; its cross-entropy CE_r should stay low.
 
+With ``set_size`` K > 0 (forget SETS, :mod:`wfnet.sets`), every expanded sample runs with a random set of 1..K classes
+instead of one row (:func:`expand_batch_sets`): the forget half's sets hold its label, the retain copies' do not, so
+the gates learn to compose (measured in docs/results/sets).
+
 One forward pass over the B/2 + chi*B/2 samples (each with its own row), then
 
     L = lambda_retain * mean(CE_r) + lambda_forget * F(CE_f) + lambda_reg * R(alpha)
@@ -58,7 +62,7 @@ from .model import classifier_head
 from .train import autocast
 from .model import WFModel
 
-__all__ = ["untrain_step", "UntrainConfig", "recipe", "expand_batch", "untrain_loss", "gate_regulariser", "untrain", "RECIPES",
+__all__ = ["untrain_step", "UntrainConfig", "recipe", "expand_batch", "expand_batch_sets", "untrain_loss", "gate_regulariser", "untrain", "RECIPES",
            "model_kind", "options_key"]
 
 
@@ -84,6 +88,42 @@ def expand_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, chi: int, g
     rows = torch.cat([y[:n_forget], rows_r])
     labels = torch.cat([y[:n_forget], y_r])
     return inputs, rows, labels, n_forget
+
+
+def expand_batch_sets(x: torch.Tensor, y: torch.Tensor, num_classes: int, chi: int, max_size: int,
+                      generator: torch.Generator):
+    """Label expansion with forget SETS (``set_size`` > 0): as :func:`expand_batch`, but every expanded sample gets a
+    random set of k classes, k uniform in 1..max_size (capped at num_classes - 1), as a bool mask [N, N_c]: the
+    forget half's set holds its label (CE_f should go up under the set), the retain copies' sets do not (CE_r should
+    stay low under the set). Sets of one class are among them, so the single-class rows keep being trained.
+
+    Returns ``(inputs, mask, labels, n_forget)``."""
+    if num_classes < 2:
+        raise ValueError("label expansion needs at least 2 classes")
+    if max_size < 1:
+        raise ValueError(f"set_size must be >= 1 for set expansion, got {max_size}")
+    n_forget = x.shape[0] // 2
+    y_r = y[n_forget:].repeat(chi)
+    x_r = x[n_forget:].repeat((chi,) + (1,) * (x.dim() - 1))
+    labels = torch.cat([y[:n_forget], y_r])
+    n = labels.shape[0]
+    k = torch.randint(1, min(max_size, num_classes - 1) + 1, (n,), generator=generator)
+    # a random order of the classes per sample with the label first (forget half) or last (retain copies): the
+    # first k of that order are the sample's set
+    scores = torch.rand(n, num_classes, generator=generator)
+    lab = labels.cpu()
+    forget = torch.arange(n) < n_forget
+    scores[torch.arange(n), lab] = torch.where(forget, torch.full((n,), -1.0), torch.full((n,), 2.0))
+    rank = scores.argsort(1).argsort(1)  # rank of each class in the sample's order
+    mask = rank < k.unsqueeze(1)
+    inputs = torch.cat([x[:n_forget], x_r])
+    return inputs, mask.to(y.device), labels, n_forget
+
+
+def _expand(x, y, num_classes, cfg, generator):
+    if getattr(cfg, "set_size", 0):
+        return expand_batch_sets(x, y, num_classes, cfg.chi, cfg.set_size, generator)
+    return expand_batch(x, y, num_classes, cfg.chi, generator)
 
 
 def gate_regulariser(params) -> torch.Tensor:
@@ -177,7 +217,7 @@ def untrain_step(model, params, opt, x: torch.Tensor, y: torch.Tensor, num_class
     """One untraining step on the mini-batch (x, y) (CPU tensors): label expansion with ``generator``, one forward
     of every expanded sample with its own row, the loss, a step of ``opt`` on the gates ``params``, the clamp.
     Returns the loss parts (fetched from the device in one copy: the step's only host sync)."""
-    inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, generator)
+    inputs, rows, labels, nf = _expand(x, y, num_classes, cfg, generator)
     inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info or DistInfo())
     wanted = cfg.lambda_feature > 0
     with autocast(device, cfg.amp), _head_input(model, wanted) as captured:
@@ -207,7 +247,7 @@ def validation_loss(wf: nn.Module, params, val_ds: Dataset, num_classes: int, cf
     n = 0
     loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 256), shuffle=False)
     for i, (x, y) in enumerate(loader):
-        inputs, rows, labels, nf = expand_batch(x, y, num_classes, cfg.chi, _rows_generator(cfg.seed, -1, i))
+        inputs, rows, labels, nf = _expand(x, y, num_classes, cfg, _rows_generator(cfg.seed, -1, i))
         inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info)
         gen = _rows_generator(cfg.seed, -2, i)  # the feature term's pairing: fixed too
         wanted = cfg.lambda_feature > 0
