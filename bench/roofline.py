@@ -715,7 +715,10 @@ def main(argv=None):
     tf32_conv, tf32_matmul = not args.no_tf32_conv, args.tf32_matmul
     results, sections = [], {}
     for name in [m for m in args.models.split(",") if m]:
-        model, shape = build_model(name)
+        try:
+            model, shape = build_model(name)
+        except (RuntimeError, ValueError, ImportError, AttributeError) as e:
+            ap.error(f"cannot build model {name!r} (a torchvision / timm name or package.module:factory): {e}")
         if args.image_size:
             shape = (shape[0], args.image_size, args.image_size)
         for dt in dtypes:

@@ -221,8 +221,9 @@ def test_roofline_cli_writes_labelled_tables_and_dispatch_sections(tmp_path):
     data = json.loads((tmp_path / f"roofline_h100_{roofline.PREDICTION_DATE}_t.json").read_text())
     assert data["meta"]["kind"].startswith("roofline PREDICTION")
     assert len(data["results"][0]["layers"]) == 20                         # ResNet-18: every conv is filtered
-    with pytest.raises(SystemExit):
-        R.main(["--device", "b200", "--out-dir", str(tmp_path)])
+    for bad in (["--device", "b200"], ["--models", "no_such_model"], ["--ig-eff", "0"]):
+        with pytest.raises(SystemExit):
+            R.main(bad + ["--out-dir", str(tmp_path)])
     # --write-dispatch's writer replaces predicted sections and keeps measured ones
     table = tmp_path / "table.json"
     table.write_text(json.dumps({H100: {"k": {"path": "epilogue"}}, "roofline:H200": {"old": {}}}))
