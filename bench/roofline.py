@@ -604,7 +604,7 @@ def render(results: list, main: str, args) -> str:
         lines += [f"### {r['name']} ({r['dtype']}, batch {r['batch']}, input {'x'.join(map(str, r['input']))})", "",
                   "| layer | out shape | folds | plain us | sep | fused@1 | fused | folded | fused+folded | step: sep "
                   "| fused@1 | fused | folded | fused+folded | conv-only sep | dispatch |",
-                  "|---|---|---|---:|" + "---:|" * 12 + "---|"]
+                  "|---|---|---|---:|" + "---:|" * 11 + "---|"]
         for li, row in zip(r["layers"], dev["layers"]):
             i, t = row["infer_us"], row["train_us"]
             lines.append(f"| {li['layer']} | {'x'.join(map(str, li['out_shape']))} | {'+'.join(li['folds']) or '-'} "
