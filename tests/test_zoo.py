@@ -71,6 +71,20 @@ ZOO = {
     "xcit_class_attn": (_timm("xcit_nano_12_p16_224", img_size=32, depth=2), 32, {"attention", "conv"}),
     "mobilevit_folded": (_timm("mobilevit_xxs"), 32, {"attention", "conv"}),
     "efficientformer_v2_qkv_convs": (_timm("efficientformerv2_s0", img_size=64), 64, {"attention", "conv"}),
+    # window attention on sample-major folded batches (declared by adapters), MViTv2's pooling convs on [B * heads];
+    # GCViT at depth 2 per stage: its odd blocks are the ones that read the global query (depth 1 leaves the
+    # query generator's convs without any effect on the output, which the gradient probe rightly refuses)
+    "davit_windows_and_channels": (_timm("davit_tiny", depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2),
+                                         window_size=4), 32, {"attention", "conv"}),
+    "tinyvit_windows": (lambda: timm.models.tiny_vit.TinyVit(
+        num_classes=NC, embed_dims=(16, 16, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+        window_sizes=(4, 4, 4, 2)), 64, {"attention", "conv"}),
+    "gcvit_global_query_windows": (lambda: timm.models.gcvit.GlobalContextVit(
+        num_classes=NC, img_size=64, embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2)), 64,
+        {"attention", "conv"}),
+    "mvitv2_pooling_convs": (lambda: timm.models.mvitv2.MultiScaleVit(timm.models.mvitv2.MultiScaleVitCfg(
+        depths=(1, 1), embed_dim=16, num_heads=1, stride_q=((1, 1), (2, 2))), img_size=32, num_classes=NC), 32,
+        {"attention", "conv"}),
 }
 
 

@@ -178,6 +178,20 @@ for _cls, _adapter in {
         "torchvision Swin-V2: F.linear on qkv.weight (key bias zeroed) on windows", functional=True, folded=True),
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": AttentionAdapter(
         "torchvision MaxViT attention: to_qkv Linear on [B, partitions, tokens, C]", projections=("to_qkv",)),
+    # window attention whose windows come from a sample-major partition ([B, H, W, C] -> [B * windows, ...], each
+    # sample's windows consecutive), read off the partition code of timm 1.0 (window_partition / the inline view in
+    # TinyVitBlock); a window equal to the whole map is the k = 1 case of the same declaration
+    "timm.models.davit.WindowAttention": AttentionAdapter(
+        "timm DaViT spatial window attention: qkv Linear on windows", folded=True),
+    "timm.models.davit.ChannelAttention": AttentionAdapter("timm DaViT channel attention: qkv Linear on [B, N, C]"),
+    "timm.models.davit.ChannelAttentionV2": AttentionAdapter(
+        "timm DaViT channel attention (v2): qkv Linear on [B, N, C]"),
+    "timm.models.tiny_vit.Attention": AttentionAdapter(
+        "timm TinyViT window attention: qkv Linear on windows (or the whole map)", folded=True),
+    "timm.models.gcvit.WindowAttentionGlobal": AttentionAdapter(
+        "timm GCViT window attention: qkv (kv with a global query) Linear on windows", folded=True),
+    "timm.models.mvitv2.MultiScaleAttention": AttentionAdapter(
+        "timm MViTv2 pooling attention: qkv Linear, then pooling convs on [B * heads, ...]"),
 }.items():
     register_adapter(_cls, _adapter)
 
@@ -199,6 +213,11 @@ def register_sample_free(cls: type | str, reason: str) -> None:
 
 register_folding("timm.models.mobilevit.MobileVitBlock", ("transformer",),
                  "timm MobileViT block: the transformer runs on [B * patch_area, N, C], sample-major")
+# MViTv2 pools q / k / v with convs on [B * heads, head_dim, H, W] (reshape_pre_pool of a [B, heads, N, d] tensor:
+# each sample's heads consecutive). Its pool-first variant (MultiScaleAttentionPoolFirst, used by no timm config) is
+# not declared: its forward fails on its own in timm 1.0.31, so no declaration of it could be tested.
+register_folding("timm.models.mvitv2.MultiScaleAttention", ("pool_q", "pool_k", "pool_v"),
+                 "timm MViTv2 pooling convs: run on [B * heads, head_dim, H, W], sample-major")
 register_sample_free("timm.models.xcit.PositionalEncodingFourier",
                      "position encoding computed on a grid with no sample axis (cannot take class rows)")
 
