@@ -253,3 +253,46 @@ def test_runner_needs_no_torch(exported, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ok forget row 10 is out of range" in proc.stdout
+
+
+def test_cli_serve_export(tmp_path, capsys):
+    """`wfnet serve-export RUN --out m.onnx`: the run's wrapped model with its gates, reproduced by ONNX Runtime."""
+    from wfnet.cli import main
+
+    run = tmp_path / "run"
+    common = ["--no-progress", "--device", "cpu"]
+    assert main(["train", "--out", str(run), "--epochs", "1", "--train-limit", "200", "--test-limit", "100",
+                 *common]) == 0
+    assert main(["untrain", str(run), "--max-epochs", "1", *common]) == 0
+    out = tmp_path / "m.onnx"
+    assert main(["serve-export", str(run), "--out", str(out), "--forget-input", "mask", *common]) == 0
+    assert "forget [B, 10] (mask)" in capsys.readouterr().out
+    r = wfnet.Run.open(run, device="cpu")
+    x = torch.stack([r.data.test[i][0] for i in range(6)])
+    mask = torch.zeros(6, 10, dtype=torch.bool)
+    mask[1, 3] = mask[2, [1, 4, 9]] = mask[5] = True
+    with torch.no_grad():
+        ref = r.wrapped()(x, forget=mask)
+    served = serve.OnnxForgetModel(out)
+    np.testing.assert_allclose(served(x.numpy(), mask.numpy()), ref.numpy(), rtol=0,
+                               atol=REL_TOL[torch.float32] * ref.abs().max().item())
+    assert main(["serve-export", str(run), "--out", str(tmp_path / "m.pt"), *common]) == 2
+
+
+def test_serve_latency_bench_quick(tmp_path):
+    """bench/serve_latency.py --quick writes its JSON / markdown with every variant timed (values not asserted)."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_latency.py"), "--quick", "--out", str(tmp_path),
+                           "--tag", "_t"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (found,) = tmp_path.glob("serve_latency_*_t.json")
+    data = json.loads(found.read_text())
+    assert data["meta"]["reps"] >= 5 and "machine" in data["meta"] and "date" in data["meta"]
+    cell = data["results"]["small_cnn"]["latency"]["2"]
+    for v in ("plain", "wf_rows", "wf_mask"):
+        assert isinstance(cell[v]["median_ms"], float) and cell[v]["reps"] == 5
+    assert isinstance(cell["wf_rows/plain"], float)
+    assert "| small_cnn | 2 |" in found.with_suffix(".md").read_text()

@@ -368,6 +368,41 @@ def run_export(args):
             print(f"  {name}: {removed}/{total}")
 
 
+def configure_serve_export(p):
+    _run_arg(p)
+    p.add_argument("--out", required=True, help="the .onnx file to write (required)")
+    p.add_argument("--forget-input", default="rows", choices=("rows", "mask"),
+                   help="the exported forget input: rows = int64 [B], one class per sample; mask = bool [B, N_c], a "
+                        "set of classes per sample (default: rows)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                   help="the exported model's dtype (default: float32)")
+
+
+def run_serve_export(args):
+    """The wrapped model with its gates as an ONNX file taking (x, forget), for ONNX Runtime (wfnet.serve)."""
+    import torch
+
+    from .serve import export_onnx
+
+    out = Path(args.out)
+    if out.suffix != ".onnx":
+        raise CLIError(f"--out must end in .onnx, got {out}")
+    info, device = _setup(args)
+    run = _open(args, info, device)
+    c = run.config
+    dtype = getattr(torch, args.dtype)
+    wf = run.wrapped().to("cpu", dtype)  # traced on the CPU with the torch backend's plain ops
+    example = torch.zeros(2, int(c["in_chans"]), int(c["image_size"]), int(c["image_size"]), dtype=dtype)
+    try:
+        export_onnx(wf, out, example, forget=args.forget_input)
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    shape = "[B]" if args.forget_input == "rows" else f"[B, {run.num_classes}]"
+    print(f"wrote {out}: {c.get('model')} ({args.dtype}) with inputs x [B, {c['in_chans']}, {c['image_size']}, "
+          f"{c['image_size']}] and forget {shape} ({args.forget_input}); serve it with "
+          f"wfnet.serve.OnnxForgetModel (README: Serving)")
+
+
 def configure_reproduce(p):
     from .reproduce import BACKBONES, PROFILES
 
@@ -419,6 +454,8 @@ COMMANDS = {
                        configure_inspect, run_inspect),
     "export": Command("a plain model that forgot one class (soft, or hard: closed channels zeroed) as safetensors",
                       configure_export, run_export),
+    "serve-export": Command("the wrapped model as ONNX taking (x, forget) as inputs, for ONNX Runtime serving",
+                            configure_serve_export, run_serve_export),
     "reproduce": Command("the paper's Tables 1/2 per backbone beside the paper's rows: every stage, resumable",
                          configure_reproduce, run_reproduce),
     "demo": Command("the whole job on the embedded digits: train, untrain, baselines, evaluate, explain",
