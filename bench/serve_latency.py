@@ -169,7 +169,6 @@ def main(argv=None) -> int:
     if args.reps < 5:
         ap.error("--reps must be at least 5 (the median of >= 5 interleaved repetitions)")
     sys.path.insert(0, str(ROOT / "python"))
-    import numpy as np  # noqa: F401
     import onnx
     import onnxruntime
     import onnxscript

@@ -11,11 +11,11 @@ dimension shared by both:
 
 **The export path** (:func:`export_program`, :func:`export_onnx`) always traces the ``torch`` backend (whatever
 backend the model uses for training): the plain conv / matmul of the frozen weights, then ``index_select`` of
-``sigmoid(alpha)`` by the rows (or ``exp(mask @ logsigmoid(alpha))`` for sets) and a ``mul`` / ``add`` epilogue. Those are
-standard aten ops, so ``torch.onnx.export(..., dynamo=True)`` lowers them to standard ONNX (Gather, MatMul, Exp, Mul,
-Add) and no ``wf_kernels`` custom op (Triton / CUDA kernels) ever reaches the exported graph; :func:`export_program`
-refuses a graph that still holds one. The gate logits are constants of the graph (the exporter folds ``sigmoid(alpha)``
-into a table), the rows / mask select from them at run time.
+``sigmoid(alpha)`` by the rows (or ``exp(mask @ logsigmoid(alpha))`` for sets) and a ``mul`` / ``add`` epilogue.
+Those are standard aten ops, so ``torch.onnx.export(..., dynamo=True)`` lowers them to standard ONNX (Gather,
+MatMul, Exp, Mul, Add) and no ``wf_kernels`` custom op (Triton / CUDA kernels) ever reaches the exported graph;
+:func:`export_program` refuses a graph that still holds one. The gate logits are constants of the graph (the
+exporter folds ``sigmoid(alpha)`` into a table), the rows / mask select from them at run time.
 
 **Out-of-range rows** (``forget="rows"``; a mask has no out-of-range values, ONNX Runtime checks its shape).
 **decision**: never clamp (a clamped row silently serves another class's model). Two guards:
@@ -29,21 +29,20 @@ into a table), the rows / mask select from them at run time.
 2. Before the graph, for a clear error: :func:`check_forget` (numpy only) validates dtype, shape and range and raises
    ``ValueError`` naming the bad row; :class:`OnnxForgetModel`, the runner for servers, calls it on every request.
 
-The batch sizes of ``x`` and ``forget`` must be equal; the graph has no assertion for it (the exporter drops shape
-assertions), so a mismatch fails in ONNX Runtime's broadcasting (``Reshape`` / ``Mul``), and :func:`check_forget`
-reports it first.
+**Batch sizes.** ``x`` and ``forget`` must have the same batch size. The exporter drops torch.export's shape
+assertions, and ONNX broadcasting would accept a ``forget`` of batch 1 for any number of images (every image would
+silently get the first sample's rows), so the graph passes ``forget`` through :func:`batch_checked`, a ``Concat``
+with a slice of ``x`` that ONNX Runtime refuses when the batch sizes differ; :func:`check_forget` reports it first.
 
 The runner (:class:`OnnxForgetModel`) needs only ``numpy`` and ``onnxruntime`` (this module imports torch lazily), so a
 serving image does not need torch. ``pip install -e ".[serve]"`` installs onnx, onnxruntime and onnxscript.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 __all__ = ["FORGET_KINDS", "ServingModel", "export_program", "export_onnx", "range_checked", "batch_checked",
-           "check_forget",
-           "OnnxForgetModel", "onnx_metadata"]
+           "check_forget", "OnnxForgetModel", "onnx_metadata"]
 
 FORGET_KINDS = ("rows", "mask")
 _META_PREFIX = "wfnet."
@@ -67,9 +66,9 @@ def range_checked(rows, num_classes: int):
 
 
 def batch_checked(x, forget):
-    """``forget`` unchanged, passed through an ONNX ``Concat`` with a slice of ``x`` along a new axis, which ONNX Runtime
-    refuses when the batch sizes differ. Without it a ``forget`` of batch 1 would silently broadcast over a batch of
-    images (or the reverse): the exporter drops torch.export's shape assertions, and ONNX broadcasting accepts 1.
+    """``forget`` unchanged, passed through an ONNX ``Concat`` (on axis 1) with a one-element slice of each image,
+    which ONNX Runtime refuses when the batch sizes differ. Without it a ``forget`` of batch 1 would silently broadcast
+    over a batch of images (or the reverse): the exporter drops torch.export's shape assertions, and ONNX broadcasting accepts 1.
     Only constant slices and unsqueezes are used, never a reshape to a symbolic size (which the exporter could take
     from either input's shape)."""
     import torch
@@ -332,8 +331,3 @@ class OnnxForgetModel:
     def __repr__(self):
         return f"OnnxForgetModel({str(self.path)!r}, kind={self.kind!r}, num_classes={self.num_classes})"
 
-
-def describe(path) -> str:
-    """One line about an exported file (for the CLI)."""
-    meta = onnx_metadata(path)
-    return f"{path}: forget input {meta.get('forget_kind')}, " + json.dumps(meta)
