@@ -68,9 +68,9 @@ def range_checked(rows, num_classes: int):
 def batch_checked(x, forget):
     """``forget`` unchanged, passed through an ONNX ``Concat`` (on axis 1) with a one-element slice of each image,
     which ONNX Runtime refuses when the batch sizes differ. Without it a ``forget`` of batch 1 would silently broadcast
-    over a batch of images (or the reverse): the exporter drops torch.export's shape assertions, and ONNX broadcasting accepts 1.
-    Only constant slices and unsqueezes are used, never a reshape to a symbolic size (which the exporter could take
-    from either input's shape)."""
+    over a batch of images (or the reverse): the exporter drops torch.export's shape assertions, and ONNX broadcasting
+    accepts 1. Only constant slices and unsqueezes are used, never a reshape to a symbolic size (which the exporter
+    could take from either input's shape)."""
     import torch
 
     lead = (slice(None),) + (slice(0, 1),) * (x.dim() - 1)
