@@ -39,14 +39,21 @@ def _reference(wf, x, mask, how):
         model.load_state_dict({k: v for k, v in wf.model.state_dict().items() if "alpha" not in k})
         for (name, layer), plain in zip(wf.filtered_layers().items(), [model[0], model[2]]):
             classes = torch.nonzero(mask[n]).flatten().tolist()
-            gw = torch.ones(layer.out_channels)
-            gb = torch.ones(layer.out_channels)
-            for c in classes:
-                sw = torch.sigmoid(layer.alpha_weight[c].detach())
-                gw = gw * sw if how == "product" else torch.minimum(gw, sw)
-                if layer.alpha_bias is not None:
-                    sb = torch.sigmoid(layer.alpha_bias[c].detach())
-                    gb = gb * sb if how == "product" else torch.minimum(gb, sb)
+            def compose(alpha):
+                sig = torch.sigmoid(alpha.detach())
+                top = sig.max(0).values  # the channel's most open row ("relative")
+                g = torch.ones(alpha.shape[1])
+                for c in classes:
+                    if how == "product":
+                        g = g * sig[c]
+                    elif how == "min":
+                        g = torch.minimum(g, sig[c])
+                    else:
+                        g = g * sig[c] / top
+                return g * top if how == "relative" and classes else g
+
+            gw = compose(layer.alpha_weight)
+            gb = compose(layer.alpha_bias) if layer.alpha_bias is not None else None
             with torch.no_grad():
                 plain.weight.mul_(gw.view(-1, 1, 1, 1))
                 if plain.bias is not None:

@@ -207,3 +207,27 @@ def sets_table_md(result: dict, title: str = "Forget sets") -> str:
               "- retrained without the set: the run's architecture and training options on the training set without "
               "the set's classes (the reference a set should resemble)."]
     return "\n".join(lines) + "\n"
+
+
+def run(run, cfg: SetEvalConfig, progress: bool = False, log=print) -> dict:
+    """The forget-set evaluation of a run folder (what ``wfnet evaluate --sets`` / ``--set-size K --num-sets M``
+    does): :func:`evaluate_sets`, then ``<run>/eval/sets.json`` and ``<run>/eval/sets.md`` beside Table 1. Returns
+    the result with its ``markdown``."""
+    from . import files
+
+    result = evaluate_sets(run, cfg, progress=progress, log=log)
+    result["run"] = str(run.run_dir)
+    result["untrain"] = run.untrain_options()
+    title = f"Forget sets: {run.config.get('dataset')} / {run.config.get('model')}"
+    md = sets_table_md(result, title)
+    set_size = (result["untrain"] or {}).get("set_size", 0)
+    md += (f"- gates untrained with label expansion over sets of 1..{set_size} classes (`--set-size {set_size}`); "
+           f"composition: {', '.join(cfg.compositions)}.\n" if set_size else
+           f"- gates untrained with one class row per sample (no `--set-size`): sets compose rows that were never "
+           f"trained together (docs/results/sets); composition: {', '.join(cfg.compositions)}.\n")
+    root = Path(run.run_dir) / "eval"
+    root.mkdir(parents=True, exist_ok=True)
+    files.write_json(root / "sets.json", result)
+    files.write_text(root / "sets.md", md)
+    result["markdown"] = md
+    return result

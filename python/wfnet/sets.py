@@ -13,6 +13,9 @@ The gates of a set are composed from its classes' rows, per output channel (``al
   independently, so a channel any class of the set depends on closes at least as far as it does for that class.
 * ``"min"``: ``g = min_{r in set} sigmoid(alpha[r]) = sigmoid(min_{r in set} alpha[r])``: the most closed row wins;
   the open level of the other channels is that of a single row. Builds a [B, N_c, C] intermediate.
+* ``"relative"``: ``g = top * prod_{r in set} sigmoid(alpha[r]) / top`` with ``top`` the channel's most open gate over
+  all rows: the product of each class's closure relative to the channel's open level, times that level once (so
+  gates that are open but below 1 do not compound over the set). A one-class set gives that row's gate.
 
 **decision** (docs/results/sets.md, measured): the default is ``"product"``. Which one applies is
 :func:`get_composition` (``use_composition(name)`` changes it for a block, e.g. to measure the other).
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 __all__ = ["COMPOSITIONS", "DEFAULT_COMPOSITION", "compose_gates", "set_gates", "sets_to_mask", "is_set_list",
            "check_mask", "get_composition", "use_composition", "mask_to_sets", "parse_sets"]
 
-COMPOSITIONS = ("product", "min")
+COMPOSITIONS = ("product", "min", "relative")
 DEFAULT_COMPOSITION = "product"
 _state = threading.local()
 
@@ -146,6 +149,14 @@ def compose_gates(alpha: torch.Tensor, mask: torch.Tensor, how: str | None = Non
         if how == "min":
             big = torch.full((), float("inf"), dtype=a.dtype, device=a.device)
             return torch.sigmoid(torch.where(mask.unsqueeze(-1), a.unsqueeze(0), big).amin(1))
+        if how == "relative":
+            # each class scales the channel by its gate RELATIVE to the channel's most open row (so gates that are
+            # merely "open but not 1" do not compound), on top of that open level once: a one-class set is exactly
+            # that row, the empty set exactly 1
+            ls = F.logsigmoid(a)
+            top = ls.amax(0, keepdim=True)  # [1, C]
+            m = mask.to(a.dtype)
+            return torch.exp(m @ (ls - top) + m.amax(1, keepdim=True) * top)
     raise ValueError(f"unknown gate composition {how!r}; choose one of {', '.join(COMPOSITIONS)}")
 
 
