@@ -296,3 +296,40 @@ def test_serve_latency_bench_quick(tmp_path):
         assert isinstance(cell[v]["median_ms"], float) and cell[v]["reps"] == 5
     assert isinstance(cell["wf_rows/plain"], float)
     assert "| small_cnn | 2 |" in found.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_export_leaves_every_module_mode_as_it_was(train):
+    """Exporting traces in eval mode and restores each module's own mode after (a fresh wrapper Module says
+    training=True: restoring from it once put an eval model in training mode, dropout on)."""
+    wf = _wrapped("small_cnn").train(train)
+    before = {n: m.training for n, m in wf.named_modules()}
+    if train:  # training, with the BatchNorm layers frozen in eval by the WFModel
+        assert before[""] and before["model.features.0"] and not before["model.features.1"]
+    else:
+        assert not any(before.values())
+    serve.export_program(wf, torch.randn(2, 3, 16, 16), forget="mask")
+    assert {n: m.training for n, m in wf.named_modules()} == before
+
+
+def test_windowed_attention_exports(tmp_path):
+    """Swin's window attention runs its qkv on a folded batch (B * windows): the rows are repeated per window in the
+    graph with a symbolic fold, and ONNX Runtime matches the eager model at a new batch size. (A small Swin: one
+    block per stage, 48 channels, 56 px, windows of 7; 4 windows per image in the first stage.)"""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=56, window_size=7, num_classes=N_C,
+                              embed_dim=48, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2))
+    wf = wfnet.wrap(model, N_C).eval()
+    with torch.no_grad():
+        for p in wf.filter_parameters():
+            p.copy_(torch.randn(p.shape) * 3)
+    path = serve.export_onnx(wf, tmp_path / "swin.onnx", torch.randn(2, 3, 56, 56), forget="rows")
+    x, rows = torch.randn(5, 3, 56, 56), torch.tensor([1, 5, 9, 0, 2])
+    with torch.no_grad():
+        ref = wf(x, forget=rows)
+    out = serve.OnnxForgetModel(path)(x.numpy(), rows.numpy())
+    np.testing.assert_allclose(out, ref.numpy(), rtol=0, atol=REL_TOL[torch.float32] * ref.abs().max().item())
+    with torch.no_grad():
+        assert (wf(x, forget=rows.flip(0)) - ref).abs().max() > 1e-3  # the rows matter

@@ -100,6 +100,7 @@ def _serving_model_class():
             self.wf = wf
             self.kind = _check_kind(kind)
             self.num_classes = wf.num_classes
+            self.training = wf.training  # a new Module says True: the wrapped model's mode is the truth
 
         def forward(self, x, forget):
             if not isinstance(forget, torch.Tensor):
@@ -180,14 +181,17 @@ def export_program(model, example_x, forget: str | None = "rows"):
         module = model
     else:
         module = _serving_model_class()(model, forget)
-    was_training = module.training
+    # traced in eval mode (dropout off, BatchNorm on its running statistics); every module's own mode is restored
+    # after, mixed modes included (a frozen-norm WFModel in training keeps its BatchNorm layers in eval)
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         args, dynamic = _example_inputs(model, example_x, forget)
         with use_backend("torch"), torch.no_grad():
             program = torch.export.export(module, args, dynamic_shapes=dynamic)
     finally:
-        module.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     leftover = _custom_ops(program.graph)
     if leftover:
         raise RuntimeError(f"the exported graph still holds wfnet custom ops {leftover}; the serving export must "
