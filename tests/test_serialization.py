@@ -15,11 +15,11 @@ from wfnet import serialization
 
 
 class Net(nn.Module):
-    def __init__(self, widths=(6, 8)):
+    def __init__(self, widths=(6, 8), num_classes=4):
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1)
         self.conv2 = nn.Conv2d(widths[0], widths[1], 3, padding=1, bias=False)
-        self.head = nn.Linear(widths[1], 5)
+        self.head = nn.Linear(widths[1], num_classes)
 
     def forward(self, x):
         return self.head(self.conv2(self.conv1(x).relu()).mean((2, 3)))
@@ -28,7 +28,7 @@ class Net(nn.Module):
 def wrapped(num_classes=4, seed=0, gate_seed=None, **kw):
     """Net weights from ``seed``, random gates from ``gate_seed`` (default: the same seed)."""
     torch.manual_seed(seed)
-    wf = wfnet.wrap(Net(**kw), num_classes=num_classes)
+    wf = wfnet.wrap(Net(num_classes=num_classes, **kw), num_classes=num_classes)
     g = torch.Generator().manual_seed(seed if gate_seed is None else gate_seed)
     with torch.no_grad():
         for p in wf.filter_parameters():

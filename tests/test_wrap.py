@@ -326,7 +326,7 @@ def test_model_empty_batch():
 
 def test_targets_names_globs_and_predicate():
     def wrapped(targets):
-        return wfnet.wrap(SmallCNN(), num_classes=4, targets=targets)
+        return wfnet.wrap(SmallCNN(4), num_classes=4, targets=targets)
 
     assert wrapped("auto").layer_names == ["features.0", "features.3"]
     assert wrapped(["features.3"]).layer_names == ["features.3"]
@@ -351,7 +351,7 @@ def test_model_with_nothing_to_wrap_raises():
         wfnet.wrap(mlp, num_classes=3)
     assert all(p.requires_grad for p in mlp.parameters())  # left untouched
     with pytest.raises(ValueError, match="no layer to filter"):
-        wfnet.wrap(SmallCNN(), num_classes=3, targets=lambda n, m: False)
+        wfnet.wrap(SmallCNN(3), num_classes=3, targets=lambda n, m: False)
     _, wf = small()
     with pytest.raises(TypeError, match="already wrapped"):
         wfnet.wrap(wf, num_classes=3)

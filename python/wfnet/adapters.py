@@ -37,7 +37,12 @@ so every filtered layer of its ``transformer`` runs on a folded batch (:func:`re
 position encoding runs a conv on a grid with no sample axis at all, so it cannot take class rows and is left alone
 (:func:`register_sample_free`).
 
-Extend with :func:`register_adapter`, :func:`register_folding`, :func:`register_sample_free`.
+Auxiliary heads that a model runs only in training mode (torchvision Inception-v3's ``AuxLogits``, GoogLeNet's
+``aux1`` / ``aux2``) are declared with :func:`register_training_only`: their convs are filtered like the rest, and the
+coverage guard of :class:`wfnet.model.WFModel` demands them only while the model is in training mode.
+
+Extend with :func:`register_adapter`, :func:`register_folding`, :func:`register_sample_free`,
+:func:`register_training_only`.
 """
 from __future__ import annotations
 
@@ -52,7 +57,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["AttentionAdapter", "register_adapter", "register_folding", "register_sample_free", "find_contexts", "adapter_for", "registered_adapters", "AttentionSite",
+__all__ = ["AttentionAdapter", "register_adapter", "register_folding", "register_sample_free",
+           "register_training_only", "find_training_only", "find_contexts", "adapter_for", "registered_adapters", "AttentionSite",
            "find_attention", "install_functional_route", "PROJECTION_NAMES"]
 
 # Child names that hold a q / k / v projection in the attention implementations seen in timm, torchvision and the
@@ -197,6 +203,7 @@ for _cls, _adapter in {
 
 _FOLDING: dict[str, tuple[str, tuple]] = {}
 _SAMPLE_FREE: dict[str, str] = {}
+_TRAINING_ONLY: dict[str, tuple[str, tuple]] = {}
 
 
 def register_folding(cls: type | str, subtrees: tuple, family: str) -> None:
@@ -218,6 +225,34 @@ register_folding("timm.models.mobilevit.MobileVitBlock", ("transformer",),
 # not declared: its forward fails on its own in timm 1.0.31, so no declaration of it could be tested.
 register_folding("timm.models.mvitv2.MultiScaleAttention", ("pool_q", "pool_k", "pool_v"),
                  "timm MViTv2 pooling convs: run on [B * heads, head_dim, H, W], sample-major")
+def register_training_only(cls: type | str, subtrees: tuple, reason: str) -> None:
+    """Declare that inside modules of class ``cls``, the children ``subtrees`` run only while that module is in
+    training mode (an auxiliary head). The coverage guard then does not demand their filtered layers in a routed
+    forward of the module in eval mode, and still demands them in training mode."""
+    _TRAINING_ONLY[_key(cls)] = (reason, tuple(subtrees))
+
+
+def find_training_only(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Module-path prefix of every declared training-only subtree of ``model`` -> (the path of the module whose
+    ``training`` flag decides whether it runs, reason)."""
+    found = {}
+    for name, module in model.named_modules():
+        for cls in type(module).__mro__:
+            entry = _TRAINING_ONLY.get(_key(cls))
+            if entry is not None:
+                reason, subtrees = entry
+                for sub in subtrees:
+                    if getattr(module, sub, None) is not None:  # torchvision sets an absent aux head to None
+                        found[f"{name}.{sub}" if name else sub] = (name, reason)
+                break
+    return found
+
+
+# torchvision runs these heads under ``if self.aux... is not None: if self.training:`` (eval returns the logits alone)
+register_training_only("torchvision.models.inception.Inception3", ("AuxLogits",),
+                       "Inception-v3 auxiliary head: runs only in training mode")
+register_training_only("torchvision.models.googlenet.GoogLeNet", ("aux1", "aux2"),
+                       "GoogLeNet auxiliary heads: run only in training mode")
 register_sample_free("timm.models.xcit.PositionalEncodingFourier",
                      "position encoding computed on a grid with no sample axis (cannot take class rows)")
 

@@ -92,6 +92,26 @@ class FilteredLayer:
                                  f"size {x.shape[0]} for a batch of {rows.batch} samples, and {what}: {exc}") from exc
         return None
 
+    def _one_sample(self, x, forget, shape: str):
+        """The layer on an unbatched input (one sample, which the plain layer accepts: [C, H, W] / [in_features]).
+        **decision**: accepted as nn.Conv2d / nn.Linear accept it when the rows are explicit and name one sample (an
+        int or 1 row); inside a routed forward the model's rows are bound to a batch axis this input lacks, so it
+        raises rather than guess which sample it is."""
+        name = self.wf_name or type(self).__name__
+        if forget is None:
+            raise ValueError(f"filtered layer {name}: an unbatched input {list(x.shape)} ({shape}, no batch axis) in "
+                             f"a routed forward: the rows are bound to the model's batch axis, which this input does "
+                             f"not have; give the model a batched input [B, {shape[1:-1]}]")
+        try:
+            Rows.prepare(forget, self.num_classes, 1)
+        except ValueError as exc:
+            raise ValueError(f"{name} (an unbatched input {list(x.shape)}, {shape}, is one sample: forget names one "
+                             f"class row, an int or a single row): {exc}") from exc
+        return self.forward(x.unsqueeze(0), forget).squeeze(0)
+
+    def _routed(self) -> bool:
+        return self._router is not None and self._router.rows_object() is not None
+
     def _check_input_device(self, x):
         if x.device != self.weight.device:
             raise ValueError(f"{type(self).__name__}: input is on {x.device} but the layer is on "
@@ -160,6 +180,13 @@ class WFConv2d(FilteredLayer, nn.Conv2d):
         return layer
 
     def forward(self, x: torch.Tensor, forget=None) -> torch.Tensor:
+        """``x``: [B, C, H, W], or one unbatched sample [C, H, W] as nn.Conv2d accepts it (``forget`` then an int or
+        one row; see :meth:`FilteredLayer._one_sample`). ``forget``: see the module docstring."""
+        if x.dim() != 4 and (forget is not None or self._routed()):
+            if x.dim() == 3:
+                return self._one_sample(x, forget, "[C, H, W]")
+            raise ValueError(f"{self.wf_name or type(self).__name__} expects an input [B, C, H, W] (or one unbatched "
+                             f"sample [C, H, W]), got shape {list(x.shape)}")
         rows = self._rows(x, forget)
         if rows is None:
             return nn.Conv2d.forward(self, x)
@@ -221,6 +248,13 @@ class WFLinear(FilteredLayer, nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor, forget=None) -> torch.Tensor:
+        """``x``: [B, ..., in_features], or one unbatched sample [in_features] as nn.Linear accepts it (``forget``
+        then an int or one row; see :meth:`FilteredLayer._one_sample`)."""
+        if x.dim() < 2 and (forget is not None or self._routed()):
+            if x.dim() == 1:
+                return self._one_sample(x, forget, "[in_features]")
+            raise ValueError(f"{self.wf_name or type(self).__name__} expects an input [B, ..., {self.in_features}] "
+                             f"(or one unbatched sample [{self.in_features}]), got a 0-d tensor")
         rows = self._rows(x, forget)
         if rows is None:
             return nn.Linear.forward(self, x)

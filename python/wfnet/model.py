@@ -21,9 +21,12 @@ filtered, how, and what is left alone and why):
 
 Coverage guard (never a silent no-op): every routed forward checks that every filtered layer asked for its rows
 (``RouteFrame.used``; one set-size comparison per forward, skipped under ``torch.compile``). A layer that never ran
-raises :class:`CoverageError` naming the layers, their parent's class and the likely cause. Opt-out for models that
-legitimately skip layers in some modes (auxiliary heads, early exits): ``wrap(..., allow_unused=["aux.*"])`` (names
-or globs of layers that may be skipped) or ``allow_unused=True`` (no check at all). :meth:`WFModel.probe_coverage`
+raises :class:`CoverageError` naming the layers, their parent's class and the likely cause. A known auxiliary head
+that runs only in training (torchvision Inception-v3's ``AuxLogits``, GoogLeNet's ``aux1`` / ``aux2``; declared with
+:func:`wfnet.adapters.register_training_only`) is filtered and demanded only while its model is in training mode; no
+opt-out needed. Opt-out for other models that legitimately skip layers in some modes (undeclared auxiliary heads,
+early exits): ``wrap(..., allow_unused=["aux.*"])`` (names or globs of layers that may be skipped) or
+``allow_unused=True`` (no check at all). :meth:`WFModel.probe_coverage`
 goes further (every filtered layer must receive gate gradient); ``wfnet.untrain`` runs it before training.
 
 All original parameters are frozen; only the gates (``filter_parameters()``) train. BatchNorm layers stay in eval mode
@@ -35,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -90,6 +94,7 @@ class Target:
     folded: bool = False
     functional: bool = False
     bias_parts: tuple = ()
+    training_only: bool = False  # in a declared auxiliary head that runs only in training mode
 
     def gates_per_class(self) -> int:
         return self.out_features * (2 if self.bias_gates else 1)
@@ -97,7 +102,8 @@ class Target:
     @property
     def label(self) -> str:
         extra = [x for x, on in (("folded windows", self.folded), ("F.linear routed", self.functional),
-                                 (f"bias from {'+'.join(self.bias_parts)}", bool(self.bias_parts))) if on]
+                                 (f"bias from {'+'.join(self.bias_parts)}", bool(self.bias_parts)),
+                                 ("training-only head", self.training_only)) if on]
         return self.kind + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -201,6 +207,7 @@ def find_targets(model: nn.Module, targets: Targets = "auto") -> TargetPlan:
     candidates = [(n, m) for n, m in modules.items() if n and not isinstance(m, FilteredLayer)]
     sites = adapters.find_attention(model)
     folded_under, sample_free = adapters.find_contexts(model)
+    training_only = adapters.find_training_only(model)
     plan = TargetPlan(type(model).__name__, attention=len(sites))
     projection = {}  # layer name -> (role, site)
     for site in sites:
@@ -252,7 +259,7 @@ def find_targets(model: nn.Module, targets: Targets = "auto") -> TargetPlan:
             family=(adapter.family if adapter is not None else "") or (folded_under[context] if context else ""),
             folded=bool(adapter and adapter.folded) or context is not None, functional=bool(adapter and adapter.functional
                                                                       and isinstance(m, nn.Linear)),
-            bias_parts=parts))
+            bias_parts=parts, training_only=adapters.under(n, training_only) is not None))
     for n, m in candidates:
         if n in chosen or any(n.startswith(c + ".") for c in chosen):
             continue
@@ -291,6 +298,11 @@ class WFModel(nn.Module):
         for layer in self.filtered_layers().values():
             layer._router = self.router
         self.set_allow_unused(allow_unused)
+        # filtered layer name -> path of the module whose training flag decides whether it runs (declared auxiliary
+        # heads, wfnet.adapters.register_training_only); the coverage guard skips them while that module is in eval
+        heads = adapters.find_training_only(model)
+        self._training_only = {n: heads[p][0] for n in self.layer_names
+                               if (p := adapters.under(n, heads)) is not None}
         # forgetting() frames (by id) -> whether the inner model ran on that frame's rows (then the guard checks it)
         self._watched: dict[int, bool] = {}
         model.register_forward_pre_hook(self._note_call)
@@ -324,9 +336,18 @@ class WFModel(nn.Module):
                 or torch.compiler.is_compiling()):
             return
         layers = self.filtered_layers()
-        missing = [n for n, layer in layers.items() if id(layer) not in frame.used and n not in self._allow_unused]
+        idle = self._idle_training_only()
+        missing = [n for n, layer in layers.items()
+                   if id(layer) not in frame.used and n not in self._allow_unused and n not in idle]
         if missing:
             raise CoverageError(self._coverage_message(missing, "never ran during this routed forward"))
+
+    def _idle_training_only(self) -> set[str]:
+        """The filtered layers of declared training-only heads whose model is in eval mode now (they do not run)."""
+        if not self._training_only:
+            return set()
+        return {n for n, owner in self._training_only.items()
+                if not (self.model.get_submodule(owner) if owner else self.model).training}
 
     def _coverage_message(self, names, what) -> str:
         parents = {}
@@ -366,21 +387,24 @@ class WFModel(nn.Module):
 
     def check_gradient_coverage(self, x: torch.Tensor, rows) -> None:
         """One forward with ``rows`` on ``x`` and a backward to the gate logits: every filtered layer (bar
-        ``allow_unused``) must get a non-zero alpha_weight gradient, else CoverageError. No side effects."""
+        ``allow_unused`` and the declared training-only heads of a model in eval mode) must get a non-zero alpha_weight
+        gradient, else CoverageError. A tuple output (a training-mode Inception-v3: logits and auxiliary logits) counts
+        as a whole: a layer must reach one of its tensors. No side effects."""
+        idle = self._idle_training_only()
         layers = {n: m for n, m in self.filtered_layers().items() if self._allow_all is False
-                  and n not in self._allow_unused}
+                  and n not in self._allow_unused and n not in idle}
         if not layers:
             return
         with torch.enable_grad():
             out = self(x, forget=rows)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            if not isinstance(out, torch.Tensor):
+            outs = [o for o in out if isinstance(o, torch.Tensor)] if isinstance(out, (tuple, list)) else [out]
+            if not outs or not all(isinstance(o, torch.Tensor) for o in outs):
                 raise TypeError(f"check_gradient_coverage needs a tensor output, got {type(out).__name__}")
-            if out.requires_grad:
+            outs = [o for o in outs if o.requires_grad]
+            if outs:
                 g = torch.Generator().manual_seed(0)
-                weights = torch.randn(out.shape, generator=g).to(out.device, torch.float32)
-                loss = (out.float() * weights).sum()
+                loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device, torch.float32)).sum()
+                           for o in outs)
                 grads = torch.autograd.grad(loss, [m.alpha_weight for m in layers.values()], allow_unused=True)
             else:  # the output depends on no gate at all
                 grads = [None] * len(layers)
@@ -468,14 +492,27 @@ def _filtered(old: nn.Module, target: Target, num_classes: int, init: float) -> 
 
 
 def wrap(model: nn.Module, num_classes: int, targets: Targets = "auto", init: float = 3.0,
-         freeze_norm: bool = True, allow_unused: bool | Iterable[str] = ()) -> WFModel:
+         freeze_norm: bool = True, allow_unused: bool | Iterable[str] = (), check_head: bool = True) -> WFModel:
     """Replace the target layers of ``model`` (in place) by filtered layers and return a :class:`WFModel`.
 
     Every parameter of ``model`` is frozen; the new gates (initialised to ``init``) are the only trainable ones.
-    Raises ValueError when nothing matches, :class:`UnsupportedModelError` (before touching the model) when an
-    attention module cannot be filtered. ``allow_unused``: the coverage guard's opt-out (see
-    :meth:`WFModel.set_allow_unused`). ``wrapped.plan`` / ``wrapped.summary()`` tell what was filtered.
+    Raises TypeError when ``model`` is not an ``nn.Module`` or ``num_classes`` not an int, ValueError when nothing
+    matches or (``check_head``) when the classifier head's output count is known and is not ``num_classes``,
+    :class:`UnsupportedModelError` when an attention module cannot be filtered -- all before touching the model.
+    ``allow_unused``: the coverage guard's opt-out (see :meth:`WFModel.set_allow_unused`). ``check_head=False``
+    keeps ``num_classes`` rows for a head with more outputs (forgetting among the first ``num_classes`` classes of a
+    larger label space). ``wrapped.plan`` / ``wrapped.summary()`` tell what was filtered.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap expects a torch.nn.Module (the classifier to filter), got {type(model).__name__}")
+    try:  # numpy / torch integers are fine; floats, strings and bools are not
+        if isinstance(num_classes, bool):
+            raise TypeError
+        num_classes = operator.index(num_classes)
+    except TypeError:
+        raise TypeError(f"num_classes must be an int, got {num_classes!r}") from None
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if isinstance(model, WFModel):
         raise TypeError("model is already wrapped (a WFModel); wrap the original model, or use this WFModel")
     filtered = [n for n, m in model.named_modules() if isinstance(m, FilteredLayer)]
@@ -483,6 +520,15 @@ def wrap(model: nn.Module, num_classes: int, targets: Targets = "auto", init: fl
         raise TypeError(f"{type(model).__name__} is already wrapped: it holds wfnet filtered layers ({filtered[:3]}"
                         f"{' ...' if len(filtered) > 3 else ''}); use the WFModel that wrap() returned, or "
                         f"wfnet.export() for a plain model")
+    if check_head:
+        head = _head_outputs(model)
+        if head is not None and head[1] != num_classes:
+            name, outputs = head
+            subset = (f", or check_head=False to keep {num_classes} rows for the first {num_classes} of the "
+                      f"head's {outputs} classes" if num_classes < outputs else "")
+            raise ValueError(f"num_classes={num_classes} but {type(model).__name__}'s classifier head {name} has "
+                             f"{outputs} outputs: each class row gates the model for one of its output classes, so "
+                             f"they must agree. Pass num_classes={outputs}{subset}")
     plan = find_targets(model, targets)
     plan.raise_if_refused()
     if not plan.targets:
@@ -581,6 +627,44 @@ def export(wf: WFModel, forget, hard: bool | float | None = None) -> nn.Module:
                           "removed_total": sum(r for r, _ in removed_per_layer.values()),
                           "channels_total": sum(n for _, n in removed_per_layer.values())}
     return model
+
+
+def _head_outputs(model: nn.Module) -> tuple[str, int] | None:
+    """(name, output count) of ``model``'s classifier head where it is known for sure, else None (no check).
+
+    **decision**: only declared heads count -- timm's ``get_classifier()``, else the conventional torchvision / wfnet
+    attributes ``fc``, ``classifier``, ``head``, ``heads`` (their last Linear / Conv2d: VGG's ``classifier[-1]``,
+    SqueezeNet's 1x1 conv); never "the last Linear of the model", which in a feature extractor is an MLP layer and
+    would refuse a valid wrap."""
+    def outputs(m):
+        if isinstance(m, nn.Linear):
+            return m.out_features
+        if isinstance(m, nn.Conv2d):
+            return m.out_channels
+        return None
+
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:  # a model's own accessor failing is not wrap's business: no check
+            return None
+        heads = head if isinstance(head, (tuple, list)) else (head,)  # DeiT-distilled: (head, head_dist)
+        counts = {outputs(h) for h in heads}
+        return ("get_classifier()", counts.pop()) if len(counts) == 1 and None not in counts else None
+    for attr in ("fc", "classifier", "head", "heads"):
+        m = getattr(model, attr, None)
+        if not isinstance(m, nn.Module):
+            continue
+        name, leaf = attr, m
+        if outputs(m) is None:
+            layers = [(n, x) for n, x in m.named_modules() if outputs(x) is not None]
+            if not layers:
+                return None
+            sub, leaf = layers[-1]
+            name = f"{attr}.{sub}"
+        return name, outputs(leaf)
+    return None
 
 
 def classifier_head(model: nn.Module) -> nn.Module:
