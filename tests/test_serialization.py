@@ -169,7 +169,7 @@ def test_load_rejects_foreign_and_broken_files(tmp_path):
     _rejected(wf, incomplete, "num_classes")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"this is not a safetensors file at all")
-    _rejected(wf, garbage, "not a safetensors file")
+    _rejected(wf, garbage, "damaged or truncated")
     with pytest.raises(FileNotFoundError):
         wfnet.load_filters(wf, tmp_path / "missing.safetensors")
 

@@ -23,7 +23,7 @@ _EXPORTS = {
     "save_filters": "serialization", "load_filters": "serialization", "read_filters_metadata": "serialization",
     "set_backend": "backends", "get_backend": "backends", "use_backend": "backends",
     "available_backends": "backends", "BackendUnavailableError": "backends",
-    "Run": "run", "RunError": "run",
+    "Run": "run", "RunError": "run", "CorruptFileError": "files",
 }
 __all__ = ["__version__", *_EXPORTS]
 

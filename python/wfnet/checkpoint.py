@@ -1,21 +1,42 @@
 """Checkpoints without pickle: tensors in a safetensors file, everything else as JSON in its metadata.
 
 Used for the trained models (``state_dict``) and for resumable training state (optimizer state, counters). Writes are
-atomic (temp file + rename), so a run killed mid-save keeps its previous checkpoint.
+atomic (temp file + rename), so a run killed mid-save keeps its previous checkpoint. A file damaged afterwards
+(truncated copy, disk fault) is read as :class:`wfnet.files.CorruptFileError` naming it (:func:`read_safetensors`),
+never as safetensors' own error.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .files import atomic_write
+from .files import CorruptFileError, atomic_write
 
 __all__ = ["save_state", "load_state", "read_state_meta", "save_model", "load_model_weights", "optimizer_to_flat",
-           "optimizer_from_flat"]
+           "optimizer_from_flat", "read_safetensors"]
+
+
+@contextlib.contextmanager
+def read_safetensors(path, what: str, device="cpu", hint: str | None = None) -> Iterator:
+    """``safe_open(path)`` for reading; a file safetensors cannot parse (truncated, damaged, not safetensors at all)
+    raises :class:`CorruptFileError` naming it as ``what``, with ``hint`` (what to do) in its message. A missing file
+    raises FileNotFoundError as before."""
+    path = os.fspath(path)
+    try:
+        handle = safe_open(path, framework="pt", device=str(device))
+    except SafetensorError as exc:
+        raise CorruptFileError(path, what, str(exc), hint) from None
+    with handle as f:
+        try:
+            yield f
+        except SafetensorError as exc:  # a tensor read past a damaged region
+            raise CorruptFileError(path, what, str(exc), hint) from None
 
 
 def save_state(path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
@@ -24,19 +45,21 @@ def save_state(path, tensors: dict[str, torch.Tensor], meta: dict | None = None)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load_state(path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
+def load_state(path, device="cpu", what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON metadata) of a checkpoint; CorruptFileError (naming it as ``what``) when it is damaged."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    with safe_open(path, framework="pt", device=str(device)) as f:
+        raise FileNotFoundError(f"no {what} at {path}")
+    with read_safetensors(path, what, device) as f:
         meta = json.loads((f.metadata() or {}).get("wfnet_state", "{}"))
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, meta
 
 
-def read_state_meta(path) -> dict:
-    """The JSON metadata of a checkpoint, without reading its tensors (the header only)."""
-    with safe_open(os.fspath(path), framework="pt") as f:
+def read_state_meta(path, what: str = "checkpoint") -> dict:
+    """The JSON metadata of a checkpoint, without reading its tensors (the header only); CorruptFileError when the
+    file is damaged."""
+    with read_safetensors(path, what) as f:
         return json.loads((f.metadata() or {}).get("wfnet_state", "{}"))
 
 
@@ -47,7 +70,7 @@ def save_model(model: torch.nn.Module, path, meta: dict | None = None) -> None:
 
 
 def load_model_weights(model: torch.nn.Module, path, strict: bool = True) -> dict:
-    tensors, meta = load_state(path)
+    tensors, meta = load_state(path, what="model weights file")
     model.load_state_dict(tensors, strict=strict)
     return meta
 

@@ -526,6 +526,7 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from .files import CorruptFileError  # torch-free, like .run's RunError: `wfnet --help` stays light
     from .run import RunError
 
     try:
@@ -535,7 +536,7 @@ def main(argv=None) -> int:
             return exc.code if isinstance(exc.code, int) else 2
         COMMANDS[args.command].run(args)
         _leave_process_group(barrier=True)
-    except (CLIError, RunError) as exc:
+    except (CLIError, RunError, CorruptFileError) as exc:  # a damaged run file: named, with what to do
         print(f"wfnet: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,12 +21,31 @@ import tempfile
 from pathlib import Path
 
 __all__ = ["atomic_write", "write_text", "write_json", "read_json", "json_safe", "commit", "recover",
-           "staging_path", "JOURNAL"]
+           "staging_path", "JOURNAL", "CorruptFileError"]
 
 JOURNAL = ".commit.json"
 _STALE = ".stale"
 _STAGE_PREFIX = ".staged-"
 _TMP_SUFFIX = ".wfnet-tmp"  # atomic_write's temp files: ".<name>.<random>.wfnet-tmp"
+
+
+class CorruptFileError(ValueError):
+    """A file that wfnet wrote cannot be read back: it is damaged or truncated (a disk fault, a copy cut short, a
+    process killed by something that bypassed the atomic writes, an edit by hand). Defined here, with no heavy import,
+    so that the CLI can catch it cheaply.
+
+    ``path``, ``what`` (e.g. "filters file") and ``detail`` (the reader's own message) say which file and why; the
+    message ends with what to do (``hint``). A ValueError, so code that caught the earlier ValueError keeps working.
+    """
+
+    def __init__(self, path, what: str, detail: str, hint: str | None = None):
+        self.path, self.what, self.detail = os.fspath(path), what, detail
+        self.hint = hint or "delete it and recreate it with the step that wrote it, or restore a good copy"
+        super().__init__(f"{self.path}: the {what} is damaged or truncated and cannot be read ({detail}); "
+                         f"{self.hint}")
+
+    def __reduce__(self):  # picklable across processes (the keyword-free default would lose the arguments)
+        return type(self), (self.path, self.what, self.detail, self.hint)
 
 
 def _umask() -> int:

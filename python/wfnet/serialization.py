@@ -3,6 +3,9 @@
 A filters file holds, for every filtered layer ``name``, the tensors ``name.alpha_weight`` (and ``name.alpha_bias``),
 plus string metadata: ``format`` ("wfnet-filters"), ``num_classes``, ``layers`` (JSON list, model order),
 ``wfnet_version``, ``backbone`` (the inner model's class) and any extra user metadata.
+
+A file safetensors cannot parse (truncated, damaged, not safetensors) raises :class:`wfnet.CorruptFileError` (a
+ValueError) naming it and saying what to do, from :func:`load_filters` and :func:`read_filters_metadata` alike.
 """
 from __future__ import annotations
 
@@ -10,16 +13,19 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._version import __version__
+from .checkpoint import read_safetensors
 from .files import atomic_write
 from .model import WFModel
 
 __all__ = ["save_filters", "load_filters", "read_filters_metadata"]
 
 FORMAT = "wfnet-filters"
+_WHAT = "filters file"
+_HINT = ("delete it and recreate it: untrain again (in a run folder, `wfnet untrain <run>` writes it anew) or save "
+         "the gates again with wfnet.save_filters, or restore a good copy")
 
 
 def save_filters(wf: WFModel, path, metadata: dict | None = None) -> None:
@@ -43,7 +49,8 @@ def save_filters(wf: WFModel, path, metadata: dict | None = None) -> None:
 
 
 def read_filters_metadata(path) -> dict:
-    with safe_open(os.fspath(path), framework="pt") as f:
+    """The metadata of a filters file (the header only); CorruptFileError when it is damaged."""
+    with read_safetensors(path, _WHAT, hint=_HINT) as f:
         return dict(f.metadata() or {})
 
 
@@ -51,16 +58,13 @@ def load_filters(wf: WFModel, path) -> dict:
     """Load gates saved by :func:`save_filters` into ``wf`` after checking they fit; returns the file's metadata.
 
     Raises ValueError (nothing is modified) when the file is not a wfnet filters file, or its num_classes, layer
-    names or tensor shapes differ from the model's.
+    names or tensor shapes differ from the model's; :class:`wfnet.CorruptFileError` (a ValueError) when it is
+    damaged or truncated.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no filters file at {path}")
-    try:
-        handle = safe_open(path, framework="pt")
-    except Exception as exc:  # safetensors raises its own error type for a corrupt / foreign header
-        raise ValueError(f"{path} is not a safetensors file ({exc})") from exc
-    with handle as f:
+    with read_safetensors(path, _WHAT, hint=_HINT) as f:
         meta = dict(f.metadata() or {})
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a wfnet filters file (metadata format={meta.get('format')!r})")
