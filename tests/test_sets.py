@@ -316,3 +316,50 @@ def test_set_row_counts_forget_and_retain_samples():
     row = set_row(logits, labels, [0, 2], rlogits=torch.zeros(8, 4))
     assert row["acc_f"] == {0: 50.0, 2: 50.0} and row["acc_r"] == 75.0 and row["acc_f_max"] == 50.0
     assert 0.4 < row["zrf"] < 1.0
+
+
+# ------------------------------------------------------------------------------------------ command line
+def test_cli_evaluates_sets_with_a_retrained_reference_and_exports_a_set(tmp_path, capsys):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from wfnet.cli import main
+
+    run = tmp_path / "run"
+    common = ["--no-progress", "--device", "cpu"]
+    assert main(["train", "--out", str(run), "--epochs", "1", "--train-limit", "200", "--test-limit", "100",
+                 *common]) == 0
+    assert main(["untrain", str(run), "--max-epochs", "1", "--set-size", "3", *common]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--sets", "3,7", "1,4,9", "--set-size", "2", "--num-sets", "1",
+                 *common]) == 0
+    out = capsys.readouterr().out
+    assert "| {3, 7} | retrained without the set |" in out and "| {1, 4, 9} | WF-Net set (product) |" in out
+    assert "{1, 4, 9} | retrained" not in out  # --set-retrain 1: the first set only
+    saved = json.loads((run / "eval" / "sets.json").read_text())
+    assert saved["sets"][:2] == [[3, 7], [1, 4, 9]] and len(saved["sets"]) == 3
+    assert (run / "eval" / "sets.md").read_text().startswith("# Forget sets")
+    assert not (run / "eval" / "table1.md").exists()  # a sets request leaves Table 1 alone
+    assert (run / "baselines" / "retrain-sets" / "set_3-7.safetensors").exists()
+    # export of a set: soft and hard
+    r = wfnet.Run.open(run, device="cpu")
+    x = torch.stack([r.data.test[i][0] for i in range(8)])
+    for hard in ([], ["--hard"]):
+        path = tmp_path / f"m{len(hard)}.safetensors"
+        assert main(["export", str(run), "--forget", "7,3", *hard, "--out", str(path), *common]) == 0
+        with safe_open(str(path), "pt") as f:
+            report = json.loads(f.metadata()["wfnet_export"])
+        assert report["forget"] == [3, 7] and report["hard"] == (0.5 if hard else None)
+        plain = r.original_model()
+        plain.load_state_dict(load_file(str(path)))
+        torch.testing.assert_close(plain(x), wfnet.export(r.wrapped(), [3, 7], hard=bool(hard) or None)(x))
+    # the soft export is the wrapped model run with the set
+    torch.testing.assert_close(wfnet.export(r.wrapped(), [3, 7])(x), r.wrapped()(x, forget=[[3, 7]] * 8),
+                               rtol=1e-4, atol=1e-4)
+    # clear errors
+    for bad in (["--forget", "3,3"], ["--forget", "3,12"]):
+        assert main(["export", str(run), *bad, "--out", str(tmp_path / "e.safetensors"), *common]) == 2
+    assert main(["evaluate", str(run), "--set-size", "2", *common]) == 2
+    assert main(["evaluate", str(run), "--sets", "3,12", *common]) == 2

@@ -211,12 +211,54 @@ def configure_evaluate(p):
     _run_arg(p)
     add_options(p, EvalConfig, title="evaluation")
     p.add_argument("--force", action="store_true", help="recompute cached results (default: off)")
+    g = p.add_argument_group("forget sets (a request with sets evaluates the sets only: eval/sets.{md,json})")
+    g.add_argument("--sets", nargs="+", type=_class_set, default=None, metavar="C,C[,...]",
+                   help="class sets to forget together, e.g. --sets 3,7 1,4,9 (default: none)")
+    g.add_argument("--set-size", type=int, default=None, metavar="K",
+                   help="also evaluate --num-sets random sets of K classes (default: none)")
+    g.add_argument("--num-sets", type=int, default=None, metavar="M", help="how many random sets of --set-size (default: none)")
+    g.add_argument("--set-seed", type=int, default=0, help="seed of the random sets (default: 0)")
+    g.add_argument("--set-retrain", type=int, default=1, metavar="N",
+                   help="retrain a reference model without the set for the first N sets (cached in "
+                        "baselines/retrain-sets/; default: 1)")
+
+
+def _class_set(text: str) -> list[int]:
+    from .sets import parse_sets
+
+    try:
+        return parse_sets(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_evaluate(args):
     info, device = _setup(args)
-    out = _open(args, info, device).evaluate(EvalConfig(**values_of(args, EvalConfig)), force=args.force,
-                                             progress=not args.no_progress)
+    run = _open(args, info, device)
+    if args.sets or args.set_size is not None or args.num_sets is not None:
+        _evaluate_sets(args, run)
+        return
+    out = run.evaluate(EvalConfig(**values_of(args, EvalConfig)), force=args.force, progress=not args.no_progress)
+    print(out["markdown"])
+
+
+def _evaluate_sets(args, run):
+    """``wfnet evaluate RUN --sets ... / --set-size K --num-sets M``: the per-set table (wfnet.set_eval)."""
+    from . import set_eval
+
+    if (args.set_size is None) != (args.num_sets is None):
+        raise CLIError("--set-size K and --num-sets M go together")
+    if args.set_retrain < 0:
+        raise CLIError(f"--set-retrain must be >= 0, got {args.set_retrain}")
+    comp = ((run.untrain_options() or {}).get("set_composition")) or None
+    cfg = set_eval.SetEvalConfig(sets=args.sets or [], set_size=args.set_size, num_sets=args.num_sets or 0,
+                                 seed=args.set_seed, retrain=args.set_retrain,
+                                 **({"compositions": (comp,)} if comp else {}))
+    try:
+        cfg.all_sets(run.num_classes)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    out = set_eval.run(run, cfg, progress=not args.no_progress, log=print)
     print(out["markdown"])
 
 
@@ -326,7 +368,9 @@ def run_inspect(args):
 
 def configure_export(p):
     _run_arg(p)
-    p.add_argument("--forget", type=int, required=True, help="the class the exported model forgets (required)")
+    p.add_argument("--forget", type=_class_set, required=True, metavar="C[,C...]",
+                   help="the class the exported model forgets, or a set of classes forgotten together, e.g. 3,7 "
+                        "(their gates composed as in wfnet.sets; required)")
     p.add_argument("--hard", type=float, nargs="?", const=-1.0, default=None, metavar="T",
                    help="hard export: zero the weights and bias of every channel whose gate for the class is below T "
                         "(--hard alone: the default threshold 0.5; default: off, a soft export scales them)")
@@ -347,11 +391,13 @@ def run_export(args):
         raise CLIError(f"--out must end in .safetensors, got {out}")
     info, device = _setup(args)
     run = _open(args, info, device)
-    if not 0 <= args.forget < run.num_classes:
-        raise CLIError(f"--forget {args.forget} is out of range: the run has classes 0..{run.num_classes - 1}")
+    bad = [c for c in args.forget if not 0 <= c < run.num_classes]
+    if bad:
+        raise CLIError(f"--forget {bad[0]} is out of range: the run has classes 0..{run.num_classes - 1}")
+    forget = args.forget[0] if len(args.forget) == 1 else args.forget  # one class: the single row, as before
     hard = HARD_EXPORT_THRESHOLD if args.hard == -1.0 else args.hard
     try:
-        model = export(run.wrapped(), forget=args.forget, hard=hard)
+        model = export(run.wrapped(), forget=forget, hard=hard)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     report = model.wfnet_export
@@ -361,7 +407,8 @@ def run_export(args):
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     files.atomic_write(out, lambda tmp: save_file(state, tmp, metadata=meta))
     kind = f"hard (gate < {report['hard']:g} removed)" if report["hard"] is not None else "soft (gates scaled in)"
-    print(f"wrote {out}: {run.config.get('model')} forgetting class {args.forget}, {kind}; "
+    what = f"class {forget}" if isinstance(forget, int) else f"the set of classes {forget}"
+    print(f"wrote {out}: {run.config.get('model')} forgetting {what}, {kind}; "
           f"{report['removed_total']} of {report['channels_total']} filtered channels removed")
     for name, (removed, total) in report["removed"].items():
         if removed:
