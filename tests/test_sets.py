@@ -289,9 +289,14 @@ def test_untraining_with_sets_moves_every_row_through_the_composition():
     ds = TensorDataset(x, y)
     cfg = U.recipe("tuned", "cnn", batch_size=16, max_epochs=1, val_per_epoch=1, set_size=3)
     summary = U.untrain(wf, ds, ds, cfg, torch.device("cpu"), progress=False)
-    assert summary["config"]["set_size"] == 3
+    assert summary["config"]["set_size"] == 3 and summary["config"]["set_composition"] == "product"
     for name, p in wf.named_filter_parameters():
         assert not torch.equal(p, torch.full_like(p, 3.0)), name  # every class row moved
+    product = [p.detach().clone() for p in wf.filter_parameters()]
+    # the composition the gates train with is the configured one
+    U.untrain(wf, ds, ds, U.recipe("tuned", "cnn", batch_size=16, max_epochs=1, val_per_epoch=1, set_size=3,
+                                   set_composition="min"), torch.device("cpu"), progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(product, wf.filter_parameters()))
 
 
 # ------------------------------------------------------------------------------------------ set evaluation

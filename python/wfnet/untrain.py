@@ -61,6 +61,7 @@ from .distributed import DistInfo, all_reduce_mean, shard
 from .model import classifier_head
 from .train import autocast
 from .model import WFModel
+from .sets import DEFAULT_COMPOSITION, use_composition
 
 __all__ = ["untrain_step", "UntrainConfig", "recipe", "expand_batch", "expand_batch_sets", "untrain_loss", "gate_regulariser", "untrain", "RECIPES",
            "model_kind", "options_key"]
@@ -118,6 +119,11 @@ def expand_batch_sets(x: torch.Tensor, y: torch.Tensor, num_classes: int, chi: i
     mask = rank < k.unsqueeze(1)
     inputs = torch.cat([x[:n_forget], x_r])
     return inputs, mask.to(y.device), labels, n_forget
+
+
+def _composition(cfg):
+    """The set composition the gates are trained with (``set_composition``; only read by forwards with sets)."""
+    return use_composition(getattr(cfg, "set_composition", None) or DEFAULT_COMPOSITION)
 
 
 def _expand(x, y, num_classes, cfg, generator):
@@ -220,7 +226,7 @@ def untrain_step(model, params, opt, x: torch.Tensor, y: torch.Tensor, num_class
     inputs, rows, labels, nf = _expand(x, y, num_classes, cfg, generator)
     inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info or DistInfo())
     wanted = cfg.lambda_feature > 0
-    with autocast(device, cfg.amp), _head_input(model, wanted) as captured:
+    with autocast(device, cfg.amp), _head_input(model, wanted) as captured, _composition(cfg):
         logits = model(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
     loss, parts = untrain_loss(logits.float(), _to_device(labels, device), nf, params, cfg,
                                _features(captured, wanted), generator)
@@ -251,7 +257,7 @@ def validation_loss(wf: nn.Module, params, val_ds: Dataset, num_classes: int, cf
         inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info)
         gen = _rows_generator(cfg.seed, -2, i)  # the feature term's pairing: fixed too
         wanted = cfg.lambda_feature > 0
-        with autocast(device, cfg.amp), _head_input(wf, wanted) as captured:
+        with autocast(device, cfg.amp), _head_input(wf, wanted) as captured, _composition(cfg):
             logits = wf(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
         _, parts = untrain_loss(logits.float(), _to_device(labels, device), nf, params, cfg,
                                 _features(captured, wanted), gen)
