@@ -289,14 +289,14 @@ def test_untraining_with_sets_moves_every_row_through_the_composition():
     ds = TensorDataset(x, y)
     cfg = U.recipe("tuned", "cnn", batch_size=16, max_epochs=1, val_per_epoch=1, set_size=3)
     summary = U.untrain(wf, ds, ds, cfg, torch.device("cpu"), progress=False)
-    assert summary["config"]["set_size"] == 3 and summary["config"]["set_composition"] == "product"
+    assert summary["config"]["set_size"] == 3 and summary["config"]["set_composition"] == "relative"
     for name, p in wf.named_filter_parameters():
         assert not torch.equal(p, torch.full_like(p, 3.0)), name  # every class row moved
-    product = [p.detach().clone() for p in wf.filter_parameters()]
+    first = [p.detach().clone() for p in wf.filter_parameters()]
     # the composition the gates train with is the configured one
     U.untrain(wf, ds, ds, U.recipe("tuned", "cnn", batch_size=16, max_epochs=1, val_per_epoch=1, set_size=3,
                                    set_composition="min"), torch.device("cpu"), progress=False)
-    assert any(not torch.equal(a, b) for a, b in zip(product, wf.filter_parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(first, wf.filter_parameters()))
 
 
 # ------------------------------------------------------------------------------------------ set evaluation
@@ -341,7 +341,7 @@ def test_cli_evaluates_sets_with_a_retrained_reference_and_exports_a_set(tmp_pat
     assert main(["evaluate", str(run), "--sets", "3,7", "1,4,9", "--set-size", "2", "--num-sets", "1",
                  *common]) == 0
     out = capsys.readouterr().out
-    assert "| {3, 7} | retrained without the set |" in out and "| {1, 4, 9} | WF-Net set (product) |" in out
+    assert "| {3, 7} | retrained without the set |" in out and "| {1, 4, 9} | WF-Net set (relative) |" in out
     assert "{1, 4, 9} | retrained" not in out  # --set-retrain 1: the first set only
     saved = json.loads((run / "eval" / "sets.json").read_text())
     assert saved["sets"][:2] == [[3, 7], [1, 4, 9]] and len(saved["sets"]) == 3

@@ -105,8 +105,8 @@ class UntrainConfig:
                            "classes (the forget half's sets hold its label, the retain half's do not), so that "
                            "composed sets keep retain accuracy (0 = one class row per sample, the paper's; see "
                            "docs/results/sets)")
-    set_composition: str = opt("product", "how a set's gates compose in untraining with --set-size (and then in "
-                                          "evaluation of those gates): product, min or relative (wfnet.sets)",
+    set_composition: str = opt("relative", "how a set's gates compose in untraining with --set-size (and then in "
+                                           "evaluation of those gates): product, min or relative (wfnet.sets)",
                                choices=("product", "min", "relative"))
     batch_size: int = opt(128, "mini-batch size before label expansion")
     init: float = opt(3.0, "initial gate logit (3 -> sigmoid 0.95)")

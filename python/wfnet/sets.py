@@ -17,8 +17,13 @@ The gates of a set are composed from its classes' rows, per output channel (``al
   all rows: the product of each class's closure relative to the channel's open level, times that level once (so
   gates that are open but below 1 do not compound over the set). A one-class set gives that row's gate.
 
-**decision** (docs/results/sets.md, measured): the default is ``"product"``. Which one applies is
-:func:`get_composition` (``use_composition(name)`` changes it for a block, e.g. to measure the other).
+**decision** (measured, docs/results/sets/README.md): the default is ``"relative"``. Gates untrained one class per
+sample do not compose under any of the three (closing several classes' channels costs up to 70 points of Acc_r, or
+leaves classes of the set recognised), so sets need gates untrained with sets (``wfnet untrain --set-size K``). On
+such gates the three keep the same Acc_r, and ``"relative"`` closes the classes of 5-class sets best (the lowest worst
+Acc_f in every one of 5 set-untrained runs); training with it or with ``"product"`` made no measurable difference, so
+one composition serves both. Which one applies is :func:`get_composition` (``use_composition(name)`` changes it for a
+block; ``wfnet untrain --set-composition`` for training, and ``wfnet evaluate --sets`` uses the run's).
 
 Everything here is plain differentiable torch on the mask with no data-dependent Python control flow and no host
 sync, so gradients reach the gate logits through the composition (untraining with sets), and ``torch.compile`` /
@@ -38,7 +43,7 @@ __all__ = ["COMPOSITIONS", "DEFAULT_COMPOSITION", "compose_gates", "set_gates", 
            "check_mask", "get_composition", "use_composition", "mask_to_sets", "parse_sets"]
 
 COMPOSITIONS = ("product", "min", "relative")
-DEFAULT_COMPOSITION = "product"
+DEFAULT_COMPOSITION = "relative"
 _state = threading.local()
 
 
