@@ -20,7 +20,20 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Ahead-of-time verification (bench/aot_verify.py) compiles the kernels for a GPU this machine does not have: it
+# names the target here ("9.0", "8.0") before importing the kernels, so that the config lists and the pruning are
+# exactly the ones that GPU would get at run time. Never set in normal use.
+TARGET_CAPABILITY_ENV = "WFNET_TARGET_CAPABILITY"
+
+
 def _capability():
+    target = os.environ.get(TARGET_CAPABILITY_ENV)
+    if target:
+        try:
+            major, minor = (int(v) for v in target.split("."))
+        except ValueError:
+            raise ValueError(f"{TARGET_CAPABILITY_ENV} must look like '9.0', got {target!r}") from None
+        return (major, minor)
     if INTERPRET:
         return None
     try:
@@ -36,9 +49,20 @@ def _capability():
 CAPABILITY = _capability()
 
 
+def epilogue_subtiles(bm: int, bn: int, warps: int) -> int:
+    """Column blocks the GEMM epilogue is split into (``epilogue.gate_store``): enough that each block's gathered
+    gate / gated-bias tiles hold at most 16 fp32 values per thread (1, 2 or 4 blocks, each at least 16 columns)."""
+    per_thread = bm * bn // (warps * 32)
+    s = 1
+    while s < 4 and per_thread // s > 16 and bn // (2 * s) >= 16:
+        s *= 2
+    return s
+
+
 def _cfg(bm, bn, bk, warps, stages, group=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}, num_warps=warps,
-                         num_stages=stages)
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group,
+                          "EPILOGUE_SUBTILES": epilogue_subtiles(bm, bn, warps)},
+                         num_warps=warps, num_stages=stages)
 
 
 _HOPPER = [
@@ -66,10 +90,11 @@ def gemm_configs() -> list:
     configs = _HOPPER if CAPABILITY is not None and CAPABILITY[0] >= 9 else _AMPERE
     if AUTOTUNE:
         return list(configs)
-    # One config and no tuning: Triton skips early_config_prune then, so it must fit fp32 operands on this device.
+    # One config and no tuning: Triton skips early_config_prune then, so the config must fit fp32 operands in this
+    # device's shared memory and compile spill-free in every dtype, full-precision fp32 included (the strictest).
     limit = smem_limit(0) if CAPABILITY is not None else _SMEM_FALLBACK[9]
-    fitting = [c for c in configs if smem_bytes(c, 4) <= limit and accumulators_per_thread(c) <= 128]
-    return [configs[2] if configs[2] in fitting else (fitting or [min(configs, key=lambda c: smem_bytes(c, 4))])[0]]
+    fitting = [c for c in configs if smem_bytes(c, 4) <= limit and accumulators_per_thread(c) <= max_accumulators(4, "ieee")]
+    return [(fitting or [min(configs, key=lambda c: (accumulators_per_thread(c), smem_bytes(c, 4)))])[0]]
 
 
 def smem_bytes(config, elem_bytes: int) -> int:
@@ -84,6 +109,8 @@ def accumulators_per_thread(config) -> int:
 
 
 def smem_limit(device) -> int:
+    if os.environ.get(TARGET_CAPABILITY_ENV):  # compiling for a named target: its table, not this machine's GPU
+        return _SMEM_FALLBACK.get(CAPABILITY[0], 101_376)
     try:
         import torch
 
@@ -98,8 +125,17 @@ def prune_configs(configs, named_args, **kwargs):
     Keeps the smallest config when none fits."""
     x = named_args["x_ptr"]
     limit = smem_limit(x.device)
-    fits = [c for c in configs if smem_bytes(c, x.element_size()) <= limit and accumulators_per_thread(c) <= 128]
-    return fits or [min(configs, key=lambda c: smem_bytes(c, x.element_size()))]
+    max_acc = max_accumulators(x.element_size(), kwargs.get("INPUT_PRECISION", "ieee"))
+    fits = [c for c in configs if smem_bytes(c, x.element_size()) <= limit and accumulators_per_thread(c) <= max_acc]
+    return fits or [min(configs, key=lambda c: (accumulators_per_thread(c), smem_bytes(c, x.element_size())))]
+
+
+def max_accumulators(elem_bytes: int, input_precision: str) -> int:
+    """The most fp32 accumulators per thread a config may have and still compile spill-free (measured by
+    bench/aot_verify.py for sm_90 and sm_80, bench/results/aot_*): 128 with tensor-core operands (fp16, bf16, TF32),
+    32 for full-precision fp32, whose ``tl.dot`` runs on FMA units and also keeps its operand fragments in
+    registers (64 per thread spilled there)."""
+    return 32 if elem_bytes == 4 and input_precision == "ieee" else 128
 
 
 def m_bucket(m: int) -> int:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .autotune import gemm_configs, grouped_tile, m_bucket, prune_configs
-from .epilogue import gate_forward, gate_tile
+from .epilogue import gate_forward, gate_store
 from .launch import device_guard
 
 
@@ -41,6 +41,7 @@ def _wf_conv2d_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, C_INNER: tl.constexpr,
     HAS_GB: tl.constexpr, STORE_Z: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SUBTILES: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, C_out, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -79,12 +80,9 @@ def _wf_conv2d_fwd_kernel(
                     + kw[:, None] * stride_ww, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    out_off = (sample * stride_on + oh * stride_oh + ow * stride_ow)[:, None] + offs_n[None, :] * stride_oc
-    mask = mask_m[:, None] & mask_n[None, :]
-    if STORE_Z:
-        tl.store(z_ptr + out_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
-    out = gate_tile(acc, sample, offs_n, mask_m, mask_n, g_ptr, gb_ptr, C_out, stride_gbn, HAS_GB)
-    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=mask)
+    gate_store(acc, sample, sample * stride_on + oh * stride_oh + ow * stride_ow, pid_n * BLOCK_N, mask_m, g_ptr,
+               gb_ptr, out_ptr, z_ptr, C_out, stride_gbn, stride_oc, HAS_GB, STORE_Z, BLOCK_M, BLOCK_N,
+               EPILOGUE_SUBTILES)
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

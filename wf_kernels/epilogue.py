@@ -33,6 +33,57 @@ def gate_tile(acc, sample, offs_c, mask_m, mask_c, g_ptr, gb_ptr, C, stride_gbn,
 
 
 @triton.jit
+def _gate_store_cols(acc, sample, row_off, offs_c, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C, stride_gbn, stride_oc,
+                     HAS_GB: tl.constexpr, STORE_Z: tl.constexpr):
+    """Store one column block of the accumulator: z (when asked) and the gated output."""
+    mask_c = offs_c < C
+    mask = mask_m[:, None] & mask_c[None, :]
+    off = row_off[:, None] + offs_c[None, :] * stride_oc
+    if STORE_Z:
+        tl.store(z_ptr + off, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    out = gate_tile(acc, sample, offs_c, mask_m, mask_c, g_ptr, gb_ptr, C, stride_gbn, HAS_GB)
+    tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gate_store(acc, sample, row_off, col0, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C, stride_gbn, stride_oc,
+               HAS_GB: tl.constexpr, STORE_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               SUBTILES: tl.constexpr):
+    """The GEMM epilogue: gate the fp32 accumulator [BLOCK_M, BLOCK_N] (output columns ``col0 + arange(BLOCK_N)``,
+    rows at ``row_off`` with sample index ``sample``) and store it, with z stored first when ``STORE_Z``.
+
+    The gathered gate and gated bias are [BLOCK_M, BLOCK_N] fp32 tiles, as large as the accumulator itself; loaded
+    for the whole tile, they triple the epilogue's live registers and made every config with 64+ accumulators per
+    thread spill (bench/results/aot_*). With ``SUBTILES`` = 2 (or 4) the accumulator is split into column blocks
+    (reshape / permute / split, as Triton's persistent-matmul tutorial does for its epilogue) and each block is
+    gated and stored on its own, so only one block's gates are live at a time."""
+    if SUBTILES == 4:
+        a = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        left, right = tl.split(a)
+        a0, a1 = tl.split(tl.permute(tl.reshape(left, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+        a2, a3 = tl.split(tl.permute(tl.reshape(right, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+        q = tl.arange(0, BLOCK_N // 4)
+        _gate_store_cols(a0, sample, row_off, col0 + q, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C, stride_gbn,
+                         stride_oc, HAS_GB, STORE_Z)
+        _gate_store_cols(a1, sample, row_off, col0 + BLOCK_N // 4 + q, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C,
+                         stride_gbn, stride_oc, HAS_GB, STORE_Z)
+        _gate_store_cols(a2, sample, row_off, col0 + BLOCK_N // 2 + q, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C,
+                         stride_gbn, stride_oc, HAS_GB, STORE_Z)
+        _gate_store_cols(a3, sample, row_off, col0 + 3 * (BLOCK_N // 4) + q, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr,
+                         C, stride_gbn, stride_oc, HAS_GB, STORE_Z)
+    elif SUBTILES == 2:
+        a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        h = tl.arange(0, BLOCK_N // 2)
+        _gate_store_cols(a0, sample, row_off, col0 + h, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C, stride_gbn,
+                         stride_oc, HAS_GB, STORE_Z)
+        _gate_store_cols(a1, sample, row_off, col0 + BLOCK_N // 2 + h, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C,
+                         stride_gbn, stride_oc, HAS_GB, STORE_Z)
+    else:
+        _gate_store_cols(acc, sample, row_off, col0 + tl.arange(0, BLOCK_N), mask_m, g_ptr, gb_ptr, out_ptr, z_ptr,
+                         C, stride_gbn, stride_oc, HAS_GB, STORE_Z)
+
+
+@triton.jit
 def _gate_fwd_kernel(
     z_ptr, out_ptr, g_ptr, gb_ptr,
     C, P, stride_gbn,

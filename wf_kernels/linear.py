@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .autotune import gemm_configs, grouped_tile, m_bucket, prune_configs
-from .epilogue import gate_forward, gate_tile
+from .epilogue import gate_forward, gate_store
 from .launch import device_guard
 
 
@@ -33,6 +33,7 @@ def _wf_linear_fwd_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, stride_gbn,
     HAS_GB: tl.constexpr, STORE_Z: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SUBTILES: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -51,12 +52,8 @@ def _wf_linear_fwd_kernel(
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    out_off = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    mask = mask_m[:, None] & mask_n[None, :]
-    if STORE_Z:
-        tl.store(z_ptr + out_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
-    out = gate_tile(acc, offs_m // T, offs_n, mask_m, mask_n, g_ptr, gb_ptr, N, stride_gbn, HAS_GB)
-    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=mask)
+    gate_store(acc, offs_m // T, offs_m * stride_om, pid_n * BLOCK_N, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, N,
+               stride_gbn, stride_on, HAS_GB, STORE_Z, BLOCK_M, BLOCK_N, EPILOGUE_SUBTILES)
 
 
 def linear_forward(x3, weight, g, gb, path: str, save_z: bool, precision: str):

@@ -1,0 +1,540 @@
+"""Ahead-of-time GPU verification: compile every Triton kernel variant for sm_90 / sm_80 on a machine without a GPU.
+
+No GPU is needed to know whether a kernel compiles for a target, how many registers it uses, whether it spills and how
+much shared memory it needs: Triton's compiler and the ``ptxas`` inside the Triton wheel produce all of it. What makes
+this a check of the *runtime's* kernels, not of a hand-written signature, is that every variant is produced by the
+project's own launch wrappers (``wf_kernels.linear.linear_forward``, ``conv2d.conv2d_forward``,
+``epilogue.gate_forward``, ``backward.gate_backward``, ``gates.class_grad``) called on CPU tensors of the real shapes,
+dtypes and layouts:
+
+* a stand-in Triton driver reports the target GPU (``GPUTarget("cuda", 90 | 80, 32)``), so the launcher binds the
+  arguments and specialises them exactly as at run time (``stride == 1``, divisibility by 16, constexprs);
+* ``knobs.runtime.jit_cache_hook`` receives each specialisation right before Triton would compile and launch it; the
+  hook compiles it for the target with ptxas's ``-v`` log captured, records registers, spills and shared memory, and
+  tells Triton to skip the launch;
+* ``Autotuner.run`` is replaced by a loop over the configs that survive the project's pruning
+  (``autotune.prune_configs``) for that launch: every config the autotuner could pick on that GPU is compiled.
+
+The process must be started with ``WFNET_TARGET_CAPABILITY`` (e.g. "9.0") and ``TRITON_INTERPRET=0`` set before
+``wf_kernels`` is imported (the config lists are chosen at import); ``main`` re-executes itself that way per arch.
+
+    python bench/aot_verify.py --arch 90 80 --suite full --out bench/results      # the table (.md + .json)
+    python bench/aot_verify.py --arch 90 --suite ci --json /tmp/aot90.json         # what the test runs
+
+The Triton internals used here (the driver object, ``jit_cache_hook``'s keyword arguments, ``Autotuner.prune_configs``,
+``knobs.nvidia.dump_ptxas_log``) are checked first: a Triton whose internals differ fails with a message naming what
+is missing, never with a silent pass. The CUDA extension's kernels are checked the same way with
+``nvcc -Xptxas -v`` (``csrc_usage``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Per-block shared memory limit (opt-in maximum) and per-SM resources of the targets (CUDA C Programming Guide,
+# "Technical Specifications per Compute Capability"): H100 / H200 = sm_90, A100 = sm_80.
+TARGETS = {
+    90: dict(gpu="H100 / H200 (sm_90)", smem_per_block=232_448, smem_per_sm=233_472, regs_per_sm=65_536,
+             max_threads_per_sm=2048, max_blocks_per_sm=32),
+    80: dict(gpu="A100 (sm_80)", smem_per_block=166_912, smem_per_sm=167_936, regs_per_sm=65_536,
+             max_threads_per_sm=2048, max_blocks_per_sm=32),
+}
+SUPPORTED_TRITON = ("3.6", "3.7", "3.8")  # the internals below were read in these versions
+
+
+class AOTUnavailable(RuntimeError):
+    """This Triton does not offer what ahead-of-time verification relies on (the message says what)."""
+
+
+# ------------------------------------------------------------------------------------------------ resource usage
+_PTXAS_RE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+}
+
+
+def parse_ptxas_log(log: str) -> dict:
+    """Registers, spill stores / loads and stack frame from a ``ptxas -v`` log of ONE function. Raises when the log
+    does not hold them (a changed ptxas output format must not read as 'no spills')."""
+    out = {}
+    for key, rx in _PTXAS_RE.items():
+        m = rx.search(log)
+        if m is None:
+            raise AOTUnavailable(f"ptxas -v log has no {key!r} line; the log was:\n{log}")
+        out[key] = int(m.group(1))
+    return out
+
+
+def blocks_per_sm(arch: int, registers: int, shared: int, num_warps: int) -> int:
+    """Resident blocks per SM (occupancy): the least of the register, shared-memory, thread and block limits.
+    Registers are allocated per warp in units of 256."""
+    t = TARGETS[arch]
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = t["regs_per_sm"] // (regs_per_warp * num_warps)
+    by_smem = t["smem_per_sm"] // shared if shared else t["max_blocks_per_sm"]
+    by_threads = t["max_threads_per_sm"] // (32 * num_warps)
+    return max(0, min(by_regs, by_smem, by_threads, t["max_blocks_per_sm"]))
+
+
+# ------------------------------------------------------------------------------------- the stand-in driver / hooks
+def _check_triton():
+    import triton
+    from triton import knobs
+
+    version = ".".join(triton.__version__.split(".")[:2])
+    missing = []
+    if not hasattr(knobs, "runtime") or not hasattr(knobs.runtime, "jit_cache_hook"):
+        missing.append("triton.knobs.runtime.jit_cache_hook")
+    if not hasattr(knobs, "nvidia") or not hasattr(knobs.nvidia, "dump_ptxas_log"):
+        missing.append("triton.knobs.nvidia.dump_ptxas_log")
+    try:
+        from triton.runtime.autotuner import Autotuner
+        if not hasattr(Autotuner, "prune_configs"):
+            missing.append("Autotuner.prune_configs")
+    except ImportError:
+        missing.append("triton.runtime.autotuner.Autotuner")
+    try:
+        from triton.runtime.driver import driver
+        if not hasattr(driver, "set_active"):
+            missing.append("triton.runtime.driver.driver.set_active")
+    except ImportError:
+        missing.append("triton.runtime.driver")
+    if missing:
+        raise AOTUnavailable(f"triton {triton.__version__} lacks what AOT verification uses: {', '.join(missing)} "
+                             f"(read in triton {', '.join(SUPPORTED_TRITON)}); update bench/aot_verify.py")
+    return version
+
+
+def _install(arch: int, records: list, seen: dict):
+    """Point Triton at the target ``arch`` and make every launch compile-and-record instead of launching."""
+    import torch
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+    from triton.compiler import ASTSource, compile as triton_compile
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.driver import driver
+
+    class TargetOnlyDriver(DriverBase):
+        """Answers what binding and compiling ask (target, device 0, stream 0); anything that would run refuses."""
+
+        def __init__(self):
+            self.target = GPUTarget("cuda", arch, 32)
+
+        @staticmethod
+        def is_active():
+            return True
+
+        def get_current_target(self):
+            return self.target
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def map_python_to_cpp_type(self, ty):
+            return ty
+
+        def get_device_interface(self):
+            raise AOTUnavailable("ahead-of-time verification cannot run kernels")
+
+        def get_benchmarker(self):
+            raise AOTUnavailable("ahead-of-time verification cannot benchmark kernels")
+
+        def get_empty_cache_for_benchmark(self):
+            raise AOTUnavailable("ahead-of-time verification cannot benchmark kernels")
+
+        def clear_cache(self, cache):
+            pass
+
+    driver.set_active(TargetOnlyDriver())
+    knobs.nvidia.dump_ptxas_log = True
+    state = {"case": None}
+
+    def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
+        jit_fn = fn.jit_function
+        c = compile
+        variant = (fn.name, str(key))
+        case = state["case"]
+        if variant in seen:  # the same specialisation from another case: compiled once, listed for both
+            records[seen[variant]]["cases"].append(case["name"])
+            return True
+        src = ASTSource(jit_fn, c["signature"], c["constants"], c["configs"][0])
+        options = dict(num_warps=c["num_warps"], num_stages=c["num_stages"], num_ctas=c["num_ctas"],
+                       enable_fp_fusion=c["enable_fp_fusion"])
+        log = io.StringIO()
+        t0 = time.perf_counter()
+        error = None
+        try:
+            with contextlib.redirect_stdout(log):
+                kernel = triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        except Exception as e:  # a variant that does not compile is a finding, recorded as such
+            kernel, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        rec = dict(kernel=fn.name, arch=arch, cases=[case["name"]], dtype=case["dtype"], layout=case["layout"],
+                   constexprs={k: v for k, v in c["constants"].items()
+                               if isinstance(v, (int, float, str, bool)) and not isinstance(k, tuple)},
+                   num_warps=c["num_warps"], num_stages=c["num_stages"], compile_s=round(time.perf_counter() - t0, 2),
+                   error=error)
+        consts = {name: c["constants"][(i,)] for i, name in enumerate(jit_fn.arg_names) if (i,) in c["constants"]}
+        rec["constexprs"] = {k: v for k, v in consts.items() if isinstance(v, (int, float, str, bool))}
+        if kernel is not None:
+            rec.update(parse_ptxas_log(log.getvalue()))
+            rec["shared"] = int(kernel.metadata.shared)
+            rec["blocks_per_sm"] = blocks_per_sm(arch, rec["registers"], rec["shared"], c["num_warps"])
+        seen[variant] = len(records)
+        records.append(rec)
+        if os.environ.get("WFNET_AOT_PROGRESS"):
+            print(f"[{len(records)}] {rec['kernel']} {rec['dtype']} {rec['layout']} {_config_label(rec)} "
+                  f"{rec.get('registers')} regs {rec.get('spill_stores')} B spilled {rec['compile_s']} s",
+                  file=sys.stderr, flush=True)
+        return True  # compiled and recorded: Triton must not launch
+
+    knobs.runtime.jit_cache_hook = hook
+
+    def run_every_pruned_config(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        try:
+            for config in self.prune_configs(kwargs):
+                self.fn.run(*args, **kwargs, **config.all_kwargs())
+        finally:
+            self.nargs = None
+
+    Autotuner.run = run_every_pruned_config
+    return state
+
+
+# ------------------------------------------------------------------------------------------------------ the cases
+DTYPES = ("fp32-ieee", "fp32-tf32", "fp16", "bf16")
+
+
+def _torch_dtype(name):
+    import torch
+    return {"fp32-ieee": torch.float32, "fp32-tf32": torch.float32, "fp16": torch.float16,
+            "bf16": torch.bfloat16}[name]
+
+
+# (name, batch, C_in, H, W, C_out, kernel, stride, padding, bias): ResNet-18 stem / 3x3 / strided 1x1 downsample
+# (no bias: followed by BatchNorm), VGG-16 first and deep 3x3 (bias), and one small odd shape.
+CONV_SHAPES = [
+    ("resnet18.conv1", 2, 3, 64, 64, 64, 7, 2, 3, False),
+    ("resnet18.layer1.conv", 2, 64, 14, 14, 64, 3, 1, 1, False),
+    ("resnet18.layer2.downsample", 2, 64, 14, 14, 128, 1, 2, 0, False),
+    ("vgg16.features.0", 2, 3, 32, 32, 64, 3, 1, 1, True),
+    ("vgg16.features.24", 2, 512, 7, 7, 512, 3, 1, 1, True),
+    ("odd", 3, 5, 9, 11, 7, 3, 1, 1, True),
+]
+# The CI suite (the test's time budget: a GEMM variant takes 2-6 s to compile on a 2-core machine) keeps every
+# kernel x surviving config x dtype x arch with the largest epilogue (bias gate + stored z), on a deep 3x3 conv in
+# channels_last and, for fp32 and bf16, also NCHW; "full" compiles every shape x layout x variant.
+CI_CONV_VARIANTS = {("vgg16.features.24", True, "NHWC", dt) for dt in ("fp32-ieee", "fp32-tf32", "fp16", "bf16")} | {
+    ("vgg16.features.24", True, "NCHW", dt) for dt in ("fp32-ieee", "bf16")}
+# (name, batch, tokens, in, out, bias): ViT-S qkv (197 tokens, 384 -> 1152) and an odd shape without bias.
+LINEAR_SHAPES = [
+    ("vit_small.qkv", 2, 197, 384, 1152, True),
+    ("odd", 3, 5, 37, 50, False),
+]
+
+
+def _cases(suite: str):
+    """(name, dtype, layout, thunk) for every launch; ``suite`` "ci" keeps the training variant (z stored: the
+    largest epilogue) of every GEMM shape plus the inference variant of the largest shapes, "full" everything."""
+    import torch
+    import torch.nn.functional as F
+    from wf_kernels.backward import gate_backward
+    from wf_kernels.conv2d import conv2d_forward
+    from wf_kernels.epilogue import gate_forward
+    from wf_kernels.gates import class_grad, segments
+    from wf_kernels.linear import linear_forward
+
+    cases = []
+    save_z_options = (True, False)
+    for dname in DTYPES:
+        dt = _torch_dtype(dname)
+        precision = "tf32" if dname == "fp32-tf32" else "ieee"
+        for name, b, t, k, n, has_bias in LINEAR_SHAPES:
+            for save_z in save_z_options:
+                if suite == "ci" and not (save_z and name == "vit_small.qkv"):
+                    continue  # ci: the largest epilogue (bias gate + stored z) of the real shape
+
+                def thunk(b=b, t=t, k=k, n=n, has_bias=has_bias, dt=dt, save_z=save_z, precision=precision):
+                    x = torch.empty(b, t, k, dtype=dt)
+                    w = torch.empty(n, k, dtype=dt)
+                    g = torch.empty(b, n)
+                    linear_forward(x, w, g, torch.empty(b, n) if has_bias else None, "gemm", save_z, precision)
+                cases.append((f"linear {name} {'train' if save_z else 'infer'}", dname, "tokens", thunk))
+        for layout in ("NCHW", "NHWC"):
+            fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+            for name, b, ci, h, w_, co, ks, st, pad, has_bias in CONV_SHAPES:
+                for save_z in save_z_options:
+                    if suite == "ci" and (name, save_z, layout, dname) not in CI_CONV_VARIANTS:
+                        continue
+
+                    def thunk(b=b, ci=ci, h=h, w_=w_, co=co, ks=ks, st=st, pad=pad, has_bias=has_bias, dt=dt,
+                              fmt=fmt, save_z=save_z, precision=precision):
+                        x = torch.empty(b, ci, h, w_, dtype=dt).contiguous(memory_format=fmt)
+                        w = torch.empty(co, ci, ks, ks, dtype=dt).contiguous(memory_format=fmt)
+                        g = torch.empty(b, co)
+                        conv2d_forward(x, w, g, torch.empty(b, co) if has_bias else None, (st, st), (pad, pad),
+                                       (1, 1), 1, "implicit_gemm", save_z, precision)
+                    cases.append((f"conv2d {name} {'train' if save_z else 'infer'}", dname, layout, thunk))
+        if dname == "fp32-tf32":
+            continue  # the elementwise kernels have no dot: TF32 does not apply
+        # the separate gate pass and its backward, on conv outputs (both layouts) and linear outputs
+        for lname, shape, fmt, cdim in (("NCHW", (2, 64, 14, 14), torch.contiguous_format, 1),
+                                        ("NHWC", (2, 64, 14, 14), torch.channels_last, 1),
+                                        ("tokens", (2, 197, 1152), torch.contiguous_format, -1),
+                                        ("NCHW", (3, 7, 9, 11), torch.contiguous_format, 1)):
+            c = shape[cdim]
+            for has_bias in (True, False):
+                def thunk(shape=shape, fmt=fmt, cdim=cdim, c=c, dt=dt, has_bias=has_bias):
+                    z = torch.empty(shape, dtype=dt).contiguous(memory_format=fmt) if len(shape) == 4 else \
+                        torch.empty(shape, dtype=dt)
+                    g = torch.empty(shape[0], c)
+                    gate_forward(z, g, torch.empty(shape[0], c) if has_bias else None, cdim, in_place=True)
+                cases.append((f"gate pass {shape}", dname, lname, thunk))
+
+            def bwd(shape=shape, fmt=fmt, cdim=cdim, c=c, dt=dt):
+                z = torch.empty(shape, dtype=dt).contiguous(memory_format=fmt) if len(shape) == 4 else \
+                    torch.empty(shape, dtype=dt)
+                go = torch.empty_like(z)
+                g = torch.empty(shape[0], c)
+                for need in ((True, True, True), (False, True, True), (True, False, False)):
+                    gate_backward(go, z if need[1] else z.new_empty(0), g, cdim, *need)
+            cases.append((f"gate backward {shape}", dname, lname, bwd))
+
+    def class_thunk():
+        rows = torch.tensor([3, 1, 3, 0, 2])
+        perm, starts = segments(rows, 10)
+        class_grad(torch.empty(5, 1152), torch.empty(10, 1152), perm, starts)
+    cases.append(("class grad", "fp32", "-", class_thunk))
+    del F
+    return cases
+
+
+def compile_for(arch: int, suite: str, only: str | None = None) -> list[dict]:
+    """In THIS process (started with WFNET_TARGET_CAPABILITY and TRITON_INTERPRET=0): every variant, recorded."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise AOTUnavailable("TRITON_INTERPRET=1 is set: kernels would be interpreted, not compiled")
+    if not os.environ.get("TRITON_CACHE_DIR", "").startswith(tempfile.gettempdir()):
+        # a kernel found in Triton's disk cache is not re-assembled: no ptxas log, nothing to read
+        raise AOTUnavailable("start the process with TRITON_CACHE_DIR set to a fresh temporary folder")
+    if os.environ.get("WFNET_TARGET_CAPABILITY") != f"{arch // 10}.{arch % 10}":
+        raise AOTUnavailable(f"start the process with WFNET_TARGET_CAPABILITY={arch // 10}.{arch % 10} "
+                             f"(the kernels' config lists are chosen at import)")
+    _check_triton()
+    sys.path.insert(0, str(ROOT))
+    records, seen = [], {}
+    state = _install(arch, records, seen)
+    for name, dname, layout, thunk in _cases(suite):
+        if only and only not in f"{name} {dname} {layout}":
+            continue
+        state["case"] = dict(name=name, dtype=dname, layout=layout)
+        thunk()
+    if not records:
+        raise AOTUnavailable("no kernel variant was captured: the launch interception did not fire")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------- the CUDA extension
+def csrc_usage(archs=(90, 80), nvcc: str | None = None) -> list[dict]:
+    """Compile ``csrc/wf_kernels.cu`` for each arch with ``nvcc -Xptxas -v`` (the flags setup.py uses) and return
+    per kernel instantiation: registers, spills, shared memory. Raises FileNotFoundError without nvcc."""
+    from torch.utils.cpp_extension import include_paths
+
+    nvcc = nvcc or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not os.path.exists(nvcc):
+        raise FileNotFoundError("nvcc not found (PATH or /usr/local/cuda/bin)")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    incs = [f"-I{p}" for p in include_paths(device_type="cuda")]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, "-c", str(ROOT / "csrc" / "wf_kernels.cu"), "-o", os.path.join(tmp, "k.o"), "-O3",
+               "--use_fast_math", "-std=c++17", "-Xptxas", "-v", *gencode, *incs, "-DTORCH_EXTENSION_NAME=_C"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvcc failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    out, current = [], None
+    for line in proc.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+        if m:
+            current = dict(kernel=_demangle(m.group(1)), arch=int(m.group(2)[3:]), spill_stores=None)
+            out.append(current)
+            continue
+        if current is None:
+            continue
+        if (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        if (m := re.search(r"Used (\d+) registers", line)):
+            current["registers"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            current["shared"] = int(s.group(1)) if s else 0
+    if not out or any(r.get("spill_stores") is None or "registers" not in r for r in out):
+        raise AOTUnavailable(f"could not read nvcc's ptxas -v output:\n{proc.stderr[-4000:]}")
+    return out
+
+
+def _demangle(name: str) -> str:
+    filt = shutil.which("c++filt")
+    if not filt:
+        return name
+    return subprocess.run([filt, name], capture_output=True, text=True).stdout.strip() or name
+
+
+# ------------------------------------------------------------------------------------------------------- reporting
+def violations(records: list[dict]) -> list[str]:
+    """Every variant that fails to compile, spills, or exceeds its target's per-block shared memory."""
+    bad = []
+    for r in records:
+        where = f"{r['kernel']} sm_{r['arch']} {r.get('dtype', '')} {r.get('layout', '')} " \
+                f"w{r.get('num_warps', '')} s{r.get('num_stages', '')} {r.get('constexprs', '')}"
+        if r.get("error"):
+            bad.append(f"does not compile: {where}: {r['error']}")
+            continue
+        if r["spill_stores"] or r["spill_loads"]:
+            bad.append(f"spills {r['spill_stores']} B stores / {r['spill_loads']} B loads at {r['registers']} "
+                       f"registers: {where}")
+        if r["shared"] > TARGETS[r["arch"]]["smem_per_block"]:
+            bad.append(f"shared memory {r['shared']} B > {TARGETS[r['arch']]['smem_per_block']} B: {where}")
+    return bad
+
+
+def _config_label(r):
+    c = r.get("constexprs", {})
+    if "BLOCK_M" in c:
+        return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{r['num_warps']} s{r['num_stages']}"
+    blocks = " ".join(f"{k}={v}" for k, v in c.items() if k.startswith("BLOCK"))
+    return f"{blocks} w{r['num_warps']}"
+
+
+def _variant_label(r):
+    c = r.get("constexprs", {})
+    flags = [k for k in ("HAS_GB", "STORE_Z", "NEED_GZ", "NEED_G", "NEED_GB", "C_INNER") if c.get(k)]
+    extra = [f"{k}={c[k]}" for k in ("KH", "INPUT_PRECISION", "ACT") if k in c]
+    return " ".join(flags + extra) or "-"
+
+
+def write_table(records: list[dict], csrc: list[dict] | None, out_dir: Path, tag: str, meta: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / f"aot_{tag}"
+    with open(base.with_suffix(".json"), "w") as f:
+        json.dump(dict(meta=meta, triton=records, csrc=csrc), f, indent=1)
+    lines = [f"# Ahead-of-time compile of the GPU kernels ({tag})", "",
+             f"Generated by `{meta['command']}` on {meta['date']} ({meta['machine']}; triton {meta['triton']}, "
+             f"torch {meta['torch']}; ptxas from the Triton wheel). No GPU ran anything: these are the compiler's "
+             f"numbers for the targets.", ""]
+    bad = violations(records) + [f"csrc {r['kernel']} sm_{r['arch']} spills {r['spill_stores']} B"
+                                 for r in (csrc or []) if r["spill_stores"] or r["spill_loads"]]
+    for arch in sorted({r["arch"] for r in records}, reverse=True):
+        rs = [r for r in records if r["arch"] == arch]
+        ok = [r for r in rs if not r.get("error")]
+        spilling = [r for r in ok if r["spill_stores"] or r["spill_loads"]]
+        lines.append(f"- sm_{arch} ({TARGETS[arch]['gpu']}): {len(rs)} variants, {len(rs) - len(ok)} fail to "
+                     f"compile, {len(spilling)} spill"
+                     + (f" ({min(r['spill_stores'] for r in spilling)}-{max(r['spill_stores'] for r in spilling)} B "
+                        f"spill stores)" if spilling else "")
+                     + f", shared memory max {max((r['shared'] for r in ok), default=0):,} B of "
+                       f"{TARGETS[arch]['smem_per_block']:,} B per block.")
+    if csrc is not None:
+        lines.append(f"- csrc/wf_kernels.cu: {len(csrc)} kernel instantiations over "
+                     f"{', '.join(f'sm_{a}' for a in sorted({r['arch'] for r in csrc}, reverse=True))}, "
+                     f"{sum(1 for r in csrc if r['spill_stores'] or r['spill_loads'])} spill, registers max "
+                     f"{max(r['registers'] for r in csrc)}.")
+    lines += ["", f"Verdict: {'PASS: no variant spills or exceeds shared memory' if not bad else 'FAIL'}", ""]
+    lines += [f"- {b}" for b in bad[:60]] + (["", f"... {len(bad) - 60} more"] if len(bad) > 60 else [])
+    lines += ["", "| kernel | config | dtype | layout | variant | arch | registers | spill B (st/ld) | shared B | "
+                  "blocks/SM | cases |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["kernel"], -r["arch"], r["dtype"], r["layout"], _config_label(r))):
+        if r.get("error"):
+            lines.append(f"| {r['kernel']} | {_config_label(r)} | {r['dtype']} | {r['layout']} | {_variant_label(r)} "
+                         f"| sm_{r['arch']} | - | - | - | - | does not compile: {r['error']} |")
+            continue
+        lines.append(f"| {r['kernel']} | {_config_label(r)} | {r['dtype']} | {r['layout']} | {_variant_label(r)} | "
+                     f"sm_{r['arch']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared']:,} "
+                     f"| {r['blocks_per_sm']} | {'; '.join(sorted(set(r['cases']))[:3])} |")
+    if csrc:
+        lines += ["", "## csrc (the CUDA extension, nvcc -Xptxas -v)", "",
+                  "| kernel | arch | registers | spill B (st/ld) | shared B |", "|---|---|---|---|---|"]
+        for r in csrc:
+            lines.append(f"| `{r['kernel'][:110]}` | sm_{r['arch']} | {r['registers']} | "
+                         f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} |")
+    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return base.with_suffix(".md")
+
+
+def run_arch_subprocess(arch: int, suite: str, json_path: Path, only: str | None = None) -> subprocess.Popen:
+    """Start this script for one arch in a fresh process with the environment the kernels need at import."""
+    env = dict(os.environ, TRITON_INTERPRET="0", WFNET_TARGET_CAPABILITY=f"{arch // 10}.{arch % 10}",
+               TRITON_CACHE_DIR=tempfile.mkdtemp(prefix=f"wfnet-aot-sm{arch}-"),
+               WFNET_AUTOTUNE=os.environ.get("WFNET_AUTOTUNE", "1"))
+    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--arch", str(arch), "--suite", suite,
+                             "--json", str(json_path), "--in-process", *(["--only", only] if only else [])], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(TARGETS))
+    ap.add_argument("--suite", choices=("ci", "full"), default="full")
+    ap.add_argument("--json", type=Path, help="(one arch) write the raw records here")
+    ap.add_argument("--out", type=Path, help="write the table aot_<tag>.md / .json into this folder")
+    ap.add_argument("--tag", default=None, help="file tag (default: <suite>_<date>)")
+    ap.add_argument("--no-csrc", action="store_true", help="skip the CUDA extension's nvcc check")
+    ap.add_argument("--only", help="compile only the cases whose 'name dtype layout' contains this text")
+    ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.in_process:
+        (arch,) = args.arch
+        records = compile_for(arch, args.suite, args.only)
+        args.json.write_text(json.dumps(records))
+        print(f"sm_{arch}: {len(records)} variants compiled")
+        return 0
+    import torch
+    import triton
+
+    t0 = time.perf_counter()
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = {a: run_arch_subprocess(a, args.suite, Path(tmp) / f"{a}.json", args.only) for a in args.arch}
+        for a, p in procs.items():
+            out, _ = p.communicate()
+            if p.returncode != 0:
+                print(out, file=sys.stderr)
+                raise SystemExit(f"AOT compile for sm_{a} failed (exit {p.returncode})")
+            records += json.loads((Path(tmp) / f"{a}.json").read_text())
+    csrc = None if args.no_csrc else csrc_usage(tuple(args.arch))
+    elapsed = time.perf_counter() - t0
+    bad = violations(records)
+    print(f"{len(records)} Triton variants ({', '.join(f'sm_{a}' for a in args.arch)}) in {elapsed:.0f} s; "
+          f"{len(bad)} violations")
+    if args.out:
+        meta = dict(date=_dt.date.today().isoformat(), machine=os.environ.get("WFNET_MACHINE", "2-core CPU, no GPU"),
+                    triton=triton.__version__, torch=torch.__version__, seconds=round(elapsed, 1),
+                    command="python bench/aot_verify.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        tag = args.tag or f"{args.suite}_{meta['date']}"
+        print("wrote", write_table(records, csrc, args.out, tag, meta))
+    for b in bad[:40]:
+        print("  ", b)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Static GPU verification: every Triton kernel variant the runtime can launch compiles for sm_90 and sm_80 without
+spilling registers or exceeding shared memory, and so does the CUDA extension (no GPU needed; see
+bench/aot_verify.py for how the launches are intercepted). About 4-5 minutes on 2 cores: the two architectures
+compile in parallel subprocesses while nvcc builds csrc/ in a third."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("aot_verify", ROOT / "bench" / "aot_verify.py")
+aot = importlib.util.module_from_spec(spec)
+sys.modules["aot_verify"] = aot
+spec.loader.exec_module(aot)
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+# every kernel a launch wrapper starts; a new kernel must be added to the verification's cases (and here)
+KERNELS = {"_wf_linear_fwd_kernel", "_wf_conv2d_fwd_kernel", "_gate_fwd_kernel", "_gate_bwd_kernel",
+           "_class_grad_kernel"}
+
+
+def test_every_launched_kernel_is_covered():
+    """The kernels defined in wf_kernels are exactly the ones the verification compiles (a kernel added later
+    without a case here would otherwise never be checked)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    import wf_kernels.backward
+    import wf_kernels.conv2d
+    import wf_kernels.epilogue
+    import wf_kernels.gates
+    import wf_kernels.linear
+
+    found = set()
+    for mod in (wf_kernels.backward, wf_kernels.conv2d, wf_kernels.epilogue, wf_kernels.gates, wf_kernels.linear):
+        for name, obj in vars(mod).items():
+            # autotuned kernels wrap the JITFunction; under TRITON_INTERPRET=1 (set by conftest) @triton.jit makes
+            # InterpretedFunctions
+            kinds = (JITFunction, InterpretedFunction)
+            if name.endswith("_kernel") and (isinstance(obj, kinds) or isinstance(getattr(obj, "fn", None), kinds)):
+                found.add(name)
+    assert found == KERNELS
+
+
+def test_parse_ptxas_log():
+    log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+           "ptxas info    : Function properties for k\n"
+           "    16 bytes stack frame, 12 bytes spill stores, 8 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 380 bytes cmem[0]\n")
+    assert aot.parse_ptxas_log(log) == dict(registers=255, spill_stores=12, spill_loads=8, stack=16)
+    with pytest.raises(aot.AOTUnavailable, match="registers"):
+        aot.parse_ptxas_log("ptxas info: nothing useful")  # a changed log format must not read as 'no spills'
+
+
+def test_blocks_per_sm():
+    assert aot.blocks_per_sm(90, registers=255, shared=0, num_warps=8) == 1  # 256 regs x 256 threads = 65,536
+    assert aot.blocks_per_sm(90, registers=32, shared=0, num_warps=4) == 16  # thread limit: 2048 / 128
+    assert aot.blocks_per_sm(80, registers=64, shared=100_000, num_warps=4) == 1  # shared memory: 167,936 / 100,000
+
+
+def test_violations_flag_spills_smem_and_errors():
+    ok = dict(kernel="k", arch=90, dtype="bf16", layout="NHWC", num_warps=4, num_stages=3, constexprs={},
+              registers=200, spill_stores=0, spill_loads=0, shared=1000, error=None)
+    assert aot.violations([ok]) == []
+    assert "spills" in aot.violations([dict(ok, spill_stores=4)])[0]
+    assert "shared memory" in aot.violations([dict(ok, arch=80, shared=200_000)])[0]
+    assert "does not compile" in aot.violations([dict(ok, error="CompilationError: x")])[0]
+
+
+@pytest.mark.slow
+def test_aot_compile_sm90_sm80(tmp_path):
+    procs = {arch: aot.run_arch_subprocess(arch, "ci", tmp_path / f"{arch}.json") for arch in (90, 80)}
+    csrc, csrc_skip = None, None
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    if nvcc:
+        csrc = aot.csrc_usage((90, 80), nvcc=nvcc)  # runs while the two Triton processes compile
+    else:
+        csrc_skip = "nvcc not found: the CUDA extension's kernels were not compiled"
+    records = []
+    for arch, proc in procs.items():
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"AOT compile for sm_{arch} failed:\n{out[-6000:]}"
+        records += json.loads((tmp_path / f"{arch}.json").read_text())
+    for arch in (90, 80):
+        kernels = {r["kernel"] for r in records if r["arch"] == arch}
+        assert kernels == KERNELS, f"sm_{arch}: compiled {sorted(kernels)}, expected {sorted(KERNELS)}"
+        dtypes = {r["dtype"] for r in records if r["arch"] == arch and r["kernel"] == "_wf_linear_fwd_kernel"}
+        assert dtypes == set(aot.DTYPES)
+    bad = aot.violations(records)
+    assert not bad, f"{len(bad)} kernel variants fail the static check:\n" + "\n".join(bad[:30])
+    if csrc is not None:
+        assert {r["arch"] for r in csrc} == {90, 80}
+        spilling = [r for r in csrc if r["spill_stores"] or r["spill_loads"]]
+        assert not spilling, f"CUDA extension kernels spill: {spilling}"
+    if csrc_skip:
+        pytest.skip(csrc_skip + " (the Triton kernels passed)")
