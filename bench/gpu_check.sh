@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
-# The GPU check in one command, within 9 minutes on a cold GPU machine; each stage's results are copied to the
-# output folder AS SOON AS THE STAGE ENDS, so a run cut short returns what it did.
+# The GPU check in one command, within 7 minutes (BUDGET_S=420) on a cold GPU machine, so that a session's 15 device
+# minutes (machine start included) hold one run, a fix and a rerun. The FIRST stage group answers the question that
+# matters (do both fused backends pass their GPU tests and memcheck on this GPU?) and writes $OUT/verdict.md within
+# 4 minutes, before any benchmark starts; each stage's results are copied to the output folder AS SOON AS THE STAGE
+# ENDS, so a run cut short returns what it did.
 #
-#   bash bench/gpu_check.sh "$OUT"            # build, GPU tests (JUnit), memcheck, verification record, sync count,
-#                                             # quick op + model benchmarks
+#   bash bench/gpu_check.sh "$OUT"            # the command to run first: build, verify, record (verdict.md),
+#                                             # sync count, quick op + model benchmarks
 #   FULL=1 bash bench/gpu_check.sh "$OUT"     # (or --full) a second call: build, then the FULL benchmarks
 #   STAGES=build,bench_model FULL=1 bash bench/gpu_check.sh "$OUT"    # only some stages (names below)
 #
-# Stages, in order, with their budgets in seconds (timeout per stage; the whole run also stops at BUDGET_S=530 s,
-# each stage's limit shrinks to what is left, and a stage with under 15 s left is skipped and says so):
-#   build 140      pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0, CUDA_HOME), then the
+# Stages, in order, with their budgets in seconds (timeout per stage; the whole run also stops at BUDGET_S, each
+# stage's limit shrinks to what is left, and a stage with under 15 s left is skipped and says so):
+#   build 120      pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0, CUDA_HOME), then the
 #                  compiled wfnet._C MUST import (exit 3 otherwise; ALLOW_NO_EXT=1 to go on without it)
-#   warm 45        bench/memcheck_ops.py for triton and cuda without the sanitizer: fills the Triton cache for the
-#                  tests and memcheck (WFNET_AUTOTUNE=0, as they use) and records first-call (compile) times
-#   test 125       pytest over the GPU test files, -m "cuda or not cuda", WFNET_AUTOTUNE=0, --junitxml
-#   memcheck 76    compute-sanitizer --tool memcheck on bench/memcheck_ops.py --once, per fused backend (38 s each)
-#   record 10      bench/record_verification.py: wf_kernels/verification.json (+ a copy in the output folder)
+#   verify 110     AT ONCE (one GPU, three processes): pytest over the GPU test files (-m "cuda or not cuda",
+#                  WFNET_AUTOTUNE=0, --junitxml, 100 s) and compute-sanitizer memcheck of bench/memcheck_ops.py --once
+#                  for the triton and the cuda backend (100 s each)
+#   record 10      bench/record_verification.py: wf_kernels/verification.json (+ a copy in the output folder), then
+#                  verdict.md (stage table, test counts, memcheck summaries, verified=...) -> first answer <= 240 s
 #   sync 25        bench/sync_count.py: host syncs per forward (CPU / int / CUDA rows) and per untraining step
 #   bench_ops 40   bench/bench_ops.py --quick (WFNET_AUTOTUNE=0)     FULL: all shapes, --record-dispatch, 170 s
 #   bench_model 60 bench/bench_model.py --quick (WFNET_AUTOTUNE=0)   FULL: torch.compile included, 200 s
+# Budget: preflight ~10 + 120 + 110 + 10 = 250 s worst case to the verdict (the build took ~90 s for two archs on 2
+# cores here; TORCH_CUDA_ARCH_LIST=9.0 on 16 cores is faster); + 25 + 40 + 60 = 375 s <= 420 s in all.
 # FULL=1 runs build, bench_model, then bench_ops (a fresh machine needs the build again). Both write after every
 # model / shape, so a cut run keeps what it measured; BENCH_MODEL_ARGS / BENCH_OPS_ARGS add arguments (e.g.
 # BENCH_MODEL_ARGS="--models vgg16" to spread a FULL run over several calls).
 #
 # The first lines fail loudly (exit 2) when there is no CUDA device, or pytest, triton, or nvcc is missing.
-# Output folder (at most 7 files, for the device tool's 8-file limit): summary.md (environment, TF32 flags, stage
+# Output folder (at most 8 files, the device tool's limit): verdict.md, summary.md (environment, TF32 flags, stage
 # table, verification, sync counts), gpu_check.log (every stage's log), results.tgz (everything, re-packed after
 # every stage), verification.json, sync_count.json, bench_ops.md, bench_model.md. Exit status: 0 when every stage
 # that ran passed, else the last failing stage's status.
@@ -47,7 +52,7 @@ OUTDIR=$(cd "$OUTDIR" && pwd)
 W=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/wfnet_gpu_check.XXXXXX")}
 mkdir -p "$W"
 START=$(date +%s)
-BUDGET_S=${BUDGET_S:-530}
+BUDGET_S=${BUDGET_S:-420}
 DEADLINE=$((START + BUDGET_S))
 status=0
 STAGE_ROWS=""
@@ -67,6 +72,7 @@ publish() {  # copy what exists now into the output folder (atomic renames: a cu
   f=$(ls -t "$W"/bench_*.md 2>/dev/null | head -1); [ -n "$f" ] && cp "$f" "$OUTDIR/bench_ops.md"
   f=$(ls -t "$W"/model_*.md 2>/dev/null | head -1); [ -n "$f" ] && cp "$f" "$OUTDIR/bench_model.md"
   [ -f "$W/verification.json" ] && cp "$W/verification.json" "$OUTDIR/verification.json"
+  [ -f "$W/verdict.md" ] && cp "$W/verdict.md" "$OUTDIR/verdict.md"
   tar czf "$OUTDIR/results.tgz.tmp" -C "$W" . 2>/dev/null && mv "$OUTDIR/results.tgz.tmp" "$OUTDIR/results.tgz"
   rm -f "$OUTDIR"/*.tmp
 }
@@ -84,11 +90,29 @@ summary() {  # rewrite summary.md from what the work folder holds now
     printf "%b" "$STAGE_ROWS"
     if [ -f "$W/record.log" ]; then echo; echo "## Verification"; echo; echo '```'; grep -E "verified=|written" "$W/record.log"; echo '```'; fi
     if [ -f "$W/test.log" ]; then echo; echo "## GPU tests (tail)"; echo; echo '```'; grep -E "passed|failed|error" "$W/test.log" | tail -5; echo '```'; fi
-    if [ -f "$W/warm.log" ]; then echo; echo "## Compile times (warm stage)"; echo; echo '```'; grep -E "compile_ms_total|completed|FAILED|not available" "$W/warm.log"; echo '```'; fi
     if [ -f "$W/sync.log" ]; then echo; echo "## Host syncs"; echo; echo '```'; grep -E "syncs=|skipped" "$W/sync.log"; echo '```'; fi
     f=$(ls -t "$W"/model_*.md 2>/dev/null | head -1)
     if [ -n "$f" ]; then echo; echo "## Model benchmark"; echo; sed -n '1,200p' "$f"; fi
   } > "$W/summary.md.new" && mv "$W/summary.md.new" "$W/summary.md"
+}
+
+verdict() {  # verdict.md: the first stage's answer (build, GPU tests, memcheck, verification), written at once
+  {
+    echo "# wfnet GPU check verdict $(date -Iseconds)"
+    echo
+    grep -E "^device:|^torch " "$W/env.txt" 2>/dev/null
+    echo
+    printf "| stage | budget s | limit s | seconds | status |\n|---|---|---|---|---|\n%b" "$STAGE_ROWS"
+    echo
+    local t; t=$(grep -E "passed|failed" "$W/test.log" 2>/dev/null | tail -1)
+    echo "GPU tests: ${t:-no pytest summary line (timed out or crashed: see gpu_check.log / results.tgz test.log)}"
+    for b in triton cuda; do echo "memcheck $b: $(grep -E "ERROR SUMMARY|gpu_check: rc=" "$W/memcheck_$b.log" 2>/dev/null | tr '\n' ' ')"; done
+    echo
+    echo '```'
+    grep -E "verified=" "$W/record.log" 2>/dev/null || echo "no verification record was written"
+    echo '```'
+  } > "$W/verdict.md.new" && mv "$W/verdict.md.new" "$W/verdict.md"
+  cp "$W/verdict.md" "$OUTDIR/verdict.md.tmp" && mv "$OUTDIR/verdict.md.tmp" "$OUTDIR/verdict.md"
 }
 
 on() { [[ ",${STAGES}," == *",$1,"* ]]; }
@@ -169,12 +193,12 @@ summary; publish
 if [ "$FULL" = 1 ]; then
   STAGES=${STAGES:-build,bench_model,bench_ops}
 else
-  STAGES=${STAGES:-build,warm,test,memcheck,record,sync,bench_ops,bench_model}
+  STAGES=${STAGES:-build,verify,record,sync,bench_ops,bench_model}
 fi
 
 # --------------------------------------------------------------------------------------------- stages
 if on build; then
-  stage build 140 "$PY" -m pip install --no-build-isolation --no-deps -e . \
+  stage build 120 "$PY" -m pip install --no-build-isolation --no-deps -e . \
     || die "the build failed (see $OUTDIR/gpu_check.log)" 3
 fi
 EXT_ERR=$("$PY" -c "import wfnet._C" 2>&1) || {
@@ -186,34 +210,21 @@ EXT_ERR=$("$PY" -c "import wfnet._C" 2>&1) || {
 }
 "$PY" -c "import wfnet; print('available backends:', wfnet.available_backends())" 2>&1 | tee -a "$W/env.txt" "$W/gpu_check.log"
 
-warm_both() {
-  local rc=0
-  WFNET_AUTOTUNE=0 "$PY" bench/memcheck_ops.py --backend triton --json "$W/warm_triton.json" || rc=$?
-  WFNET_AUTOTUNE=0 "$PY" bench/memcheck_ops.py --backend cuda --json "$W/warm_cuda.json" || rc=$?
-  "$PY" -c "
-import json, sys
-for b in ('triton', 'cuda'):
-    try:
-        d = json.load(open(sys.argv[1] + f'/warm_{b}.json'))
-        print(f\"{b}: compile_ms_total={d['compile_ms_total']:.0f} over {len(d['cases'])} cases, {d['seconds']:.1f} s, failed={d['failed']}\")
-    except FileNotFoundError:
-        print(f'{b}: no warm result')
-" "$W"
+verify_all() {  # GPU tests and both memchecks at once (one GPU, separate processes): the slowest sets the time
+  local pids=() rc=0 p
+  timeout -k 5 "$TEST_LIMIT" env WFNET_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" \
+    tests/test_triton_linear.py tests/test_triton_conv2d.py tests/test_compile.py tests/test_cuda_ext.py \
+    tests/test_ops.py tests/test_layers.py tests/test_backends.py tests/test_rows.py > "$W/test.log" 2>&1 &
+  pids+=($!)
+  for b in triton cuda; do
+    timeout -k 5 "$MEMCHECK_LIMIT" bash -c "$(declare -f memcheck_one); memcheck_one $b" > "$W/memcheck_$b.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  echo "--- tests ---"; grep -E "passed|failed|error" "$W/test.log" | tail -3
+  for b in triton cuda; do echo "--- memcheck $b ---"; tail -n 3 "$W/memcheck_$b.log"; done
   return $rc
 }
-export PY W SANITIZER
-on warm && { stage warm 45 bash -c "$(declare -f warm_both); warm_both" || true; }
-
-if on test; then
-  PYTEST_ARGS=(-q -rfEs --durations=15 -p no:cacheprovider -m "cuda or not cuda" --junitxml="$W/pytest_gpu.xml")
-  "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout=100)
-  WORKERS=${PYTEST_WORKERS:-4}
-  if [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n "$WORKERS"); fi
-  stage test 125 env WFNET_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" \
-    tests/test_triton_linear.py tests/test_triton_conv2d.py tests/test_compile.py tests/test_cuda_ext.py \
-    tests/test_ops.py tests/test_layers.py tests/test_backends.py tests/test_rows.py || true
-fi
-
 memcheck_one() {  # memcheck_one BACKEND: sanitizer log + the exit status, for record_verification.py
   local b=$1 rc
   if [ -z "$SANITIZER" ]; then echo "compute-sanitizer not found"; echo "gpu_check: rc=127"; return 127; fi
@@ -224,15 +235,21 @@ memcheck_one() {  # memcheck_one BACKEND: sanitizer log + the exit status, for r
   echo "gpu_check: rc=$rc"
   return $rc
 }
-if on memcheck; then
-  stage memcheck_triton 38 bash -c "$(declare -f memcheck_one); memcheck_one triton" || true
-  stage memcheck_cuda 38 bash -c "$(declare -f memcheck_one); memcheck_one cuda" || true
+if on verify; then
+  PYTEST_ARGS=(-q -rfEs --durations=15 -p no:cacheprovider -m "cuda or not cuda" --junitxml="$W/pytest_gpu.xml")
+  "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout=60)
+  WORKERS=${PYTEST_WORKERS:-4}
+  if [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n "$WORKERS"); fi
+  TEST_LIMIT=100 MEMCHECK_LIMIT=100
+  export TEST_LIMIT MEMCHECK_LIMIT SANITIZER PY W
+  stage verify 110 bash -c "$(declare -f verify_all memcheck_one); PYTEST_ARGS=($(printf '%q ' "${PYTEST_ARGS[@]}")); verify_all" || true
 fi
 
 if on record; then
   stage record 10 "$PY" bench/record_verification.py --junit "$W/pytest_gpu.xml" \
     --memcheck "triton=$W/memcheck_triton.log" --memcheck "cuda=$W/memcheck_cuda.log" --copy-to "$W" || true
 fi
+verdict  # the first stage's answer lands in $OUT before any benchmark starts
 
 on sync && { stage sync 25 "$PY" bench/sync_count.py --out "$W" || true; }
 
