@@ -73,9 +73,26 @@ def summary_md(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def combine(paths: list[Path]) -> str:
+    """One table over several result files (``--combine``): per file, size and model, the summary."""
+    lines = ["| gates | size | model | mean Acc_r | Acc_r gap to original (mean / worst) | gap to single-class rows "
+             "(mean / worst) | worst Acc_f in the set (mean / worst) | sets meeting both goals |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        d = json.loads(path.read_text())
+        for s in d["summary"]:
+            lines.append(f"| {path.stem} | {s['size']} | {s['model']} | {s['acc_r_mean']:.2f} | "
+                         f"{s['gap_orig_mean']:.2f} / {s['gap_orig_worst']:.2f} | {s['gap_single_mean']:.2f} / "
+                         f"{s['gap_single_worst']:.2f} | {s['acc_f_max_mean']:.2f} / {s['acc_f_worst']:.2f} | "
+                         f"{s['meets_both']} / {s['sets']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="run folders with trained gates")
+    p.add_argument("runs", nargs="*", help="run folders with trained gates")
+    p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                   help="print one table over these result files instead of measuring")
     p.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 5])
     p.add_argument("--num-sets", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -84,6 +101,9 @@ def main(argv=None):
     p.add_argument("--out", default="docs/results/sets")
     p.add_argument("--name", default=None, help="file stem (default: the run folder's name)")
     args = p.parse_args(argv)
+    if args.combine:
+        print(combine([Path(f) for f in args.combine]))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
