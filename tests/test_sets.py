@@ -368,3 +368,17 @@ def test_cli_evaluates_sets_with_a_retrained_reference_and_exports_a_set(tmp_pat
         assert main(["export", str(run), *bad, "--out", str(tmp_path / "e.safetensors"), *common]) == 2
     assert main(["evaluate", str(run), "--set-size", "2", *common]) == 2
     assert main(["evaluate", str(run), "--sets", "3,12", *common]) == 2
+
+
+def test_a_folded_layer_gets_each_samples_set_repeated():
+    from wfnet.rows import Rows
+
+    mask = _mask([[0, 2], [], [3]])
+    rows = Rows.prepare(mask, NC, 3)
+    assert rows.is_set and rows.batch == 3
+    folded = rows.on("cpu", 6, folded=True)  # 2 windows per sample, consecutive
+    assert torch.equal(folded, mask.repeat_interleave(2, dim=0))
+    with pytest.raises(ValueError):
+        rows.on("cpu", 6)  # not declared folded: never guessed
+    with pytest.raises(TypeError, match="no per-class segments"):
+        rows.segments("cpu")
