@@ -359,16 +359,19 @@ def compile_for(arch: int, suite: str, only: str | None = None) -> list[dict]:
 def csrc_usage(archs=(90, 80), nvcc: str | None = None) -> list[dict]:
     """Compile ``csrc/wf_kernels.cu`` for each arch with ``nvcc -Xptxas -v`` (the flags setup.py uses) and return
     per kernel instantiation: registers, spills, shared memory. Raises FileNotFoundError without nvcc."""
-    from torch.utils.cpp_extension import include_paths
-
     nvcc = nvcc or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if not os.path.exists(nvcc):
         raise FileNotFoundError("nvcc not found (PATH or /usr/local/cuda/bin)")
+    os.environ.setdefault("CUDA_HOME", str(Path(nvcc).resolve().parents[1]))  # torch's guess can land on /usr/local
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     incs = [f"-I{p}" for p in include_paths(device_type="cuda")]
     with tempfile.TemporaryDirectory() as tmp:
+        # torch's own nvcc flags (what setup.py's CUDAExtension passes) plus setup.py's extra ones
         cmd = [nvcc, "-c", str(ROOT / "csrc" / "wf_kernels.cu"), "-o", os.path.join(tmp, "k.o"), "-O3",
-               "--use_fast_math", "-std=c++17", "-Xptxas", "-v", *gencode, *incs, "-DTORCH_EXTENSION_NAME=_C"]
+               "--use_fast_math", "-std=c++20", *COMMON_NVCC_FLAGS, "-Xptxas", "-v", *gencode, *incs,
+               "-DTORCH_EXTENSION_NAME=_C"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -234,17 +234,28 @@ def test_linear_cuda(dtype, allow_tf32, shape, path):
         check_linear(b, t, k, n, nc, dtype, "few", train_weight=True, seed=2, path=path)
 
 
-def test_autotune_prunes_configs_that_do_not_fit_shared_memory(monkeypatch):
-    """Of the eight Hopper configs, three need 256-288 KB for fp32 operands (an H100 has 227 KB per block); bf16
-    halves the tiles and keeps all. A batch bucket keys the tuning, so batches 160 and 250 share one tuning."""
+def test_autotune_prunes_configs_that_do_not_fit_shared_memory_or_registers(monkeypatch):
+    """Of the nine Hopper configs, three need 256-288 KB for fp32 operands (an H100 has 227 KB per block); bf16
+    halves the tiles and keeps all. Register limits (measured by bench/aot_verify.py): full-precision fp32 keeps
+    only configs with <= 32 accumulators per thread, TF32 <= 128; the NCHW implicit-GEMM conv <= 32 accumulators and
+    <= 16 input-tile elements per thread. A batch bucket keys the tuning, so batches 160 and 250 share one tuning."""
     from wf_kernels import autotune as at
 
     monkeypatch.setattr(at, "smem_limit", lambda device: 232_448)
+    monkeypatch.setattr(at, "CAPABILITY", (9, 0))
     fp32 = {"x_ptr": torch.empty(1, dtype=torch.float32)}
     bf16 = {"x_ptr": torch.empty(1, dtype=torch.bfloat16)}
-    kept = at.prune_configs(at._HOPPER, fp32)
-    assert len(kept) == 5 and all(at.smem_bytes(c, 4) <= 232_448 for c in kept)
-    assert len(at.prune_configs(at._HOPPER, bf16)) == 8
+    kept = at.prune_configs(at._HOPPER, fp32, INPUT_PRECISION="tf32")
+    assert len(kept) == 6 and all(at.smem_bytes(c, 4) <= 232_448 for c in kept)
+    ieee = at.prune_configs(at._HOPPER, fp32, INPUT_PRECISION="ieee")
+    assert ieee and all(at.accumulators_per_thread(c) <= 32 for c in ieee)
+    assert len(at.prune_configs(at._HOPPER, bf16, INPUT_PRECISION="ieee")) == 9
+    nchw = at.prune_configs(at._HOPPER, bf16, INPUT_PRECISION="ieee", C_INNER=False)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in nchw] == [(64, 64, 32)]
+    assert len(at.prune_configs(at._HOPPER, bf16, INPUT_PRECISION="ieee", C_INNER=True)) == 9
+    monkeypatch.setattr(at, "CAPABILITY", (8, 0))  # sm_80: channels_last convs at most 64 accumulators
+    nhwc = at.prune_configs(at._AMPERE, bf16, INPUT_PRECISION="ieee", C_INNER=True)
+    assert nhwc and all(at.accumulators_per_thread(c) <= 64 for c in nhwc)
     assert all(at.accumulators_per_thread(c) <= 128 for c in at._HOPPER + at._AMPERE)
     monkeypatch.setattr(at, "smem_limit", lambda device: 1_000)  # nothing fits: the smallest config, not none
     assert len(at.prune_configs(at._HOPPER, fp32)) == 1

@@ -68,10 +68,12 @@ def _cfg(bm, bn, bk, warps, stages, group=8):
 _HOPPER = [
     _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 4, 4),
     _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(128, 128, 32, 4, 4),
+    _cfg(64, 64, 32, 4, 4),  # small K: the NCHW implicit-GEMM conv's gather (see register_budget)
 ]
 _AMPERE = [
     _cfg(128, 256, 32, 8, 3), _cfg(256, 128, 32, 8, 3), _cfg(128, 128, 32, 4, 4), _cfg(128, 64, 32, 4, 4),
     _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 4), _cfg(128, 32, 32, 4, 4), _cfg(64, 32, 32, 2, 5),
+    _cfg(64, 32, 32, 4, 4),  # 16 accumulators: full-precision fp32 convs (see register_budget)
 ]
 _INTERPRETER = [_cfg(64, 64, 32, 4, 1)]
 
@@ -93,7 +95,8 @@ def gemm_configs() -> list:
     # One config and no tuning: Triton skips early_config_prune then, so the config must fit fp32 operands in this
     # device's shared memory and compile spill-free in every dtype, full-precision fp32 included (the strictest).
     limit = smem_limit(0) if CAPABILITY is not None else _SMEM_FALLBACK[9]
-    fitting = [c for c in configs if smem_bytes(c, 4) <= limit and accumulators_per_thread(c) <= max_accumulators(4, "ieee")]
+    fitting = [c for c in configs if smem_bytes(c, 4) <= limit
+               and all(fits_registers(c, 4, "ieee", gather) for gather in (None, "NHWC", "NCHW"))]
     return [(fitting or [min(configs, key=lambda c: (accumulators_per_thread(c), smem_bytes(c, 4)))])[0]]
 
 
@@ -121,21 +124,41 @@ def smem_limit(device) -> int:
 
 def prune_configs(configs, named_args, **kwargs):
     """``early_config_prune``: drop the configs whose tiles do not fit the device's shared memory for this dtype
-    (fp32 128x256x64 with 3 stages needs 288 KB; an H100 has 227 KB per block) or would spill their accumulators.
-    Keeps the smallest config when none fits."""
+    (fp32 128x256x64 with 3 stages needs 288 KB; an H100 has 227 KB per block) or that would spill registers
+    (``fits_registers``). Keeps the config with the fewest accumulators when none fits."""
     x = named_args["x_ptr"]
     limit = smem_limit(x.device)
-    max_acc = max_accumulators(x.element_size(), kwargs.get("INPUT_PRECISION", "ieee"))
-    fits = [c for c in configs if smem_bytes(c, x.element_size()) <= limit and accumulators_per_thread(c) <= max_acc]
+    gather = None if "C_INNER" not in kwargs else ("NHWC" if kwargs["C_INNER"] else "NCHW")
+    precision = kwargs.get("INPUT_PRECISION", "ieee")
+    fits = [c for c in configs if smem_bytes(c, x.element_size()) <= limit
+            and fits_registers(c, x.element_size(), precision, gather)]
     return fits or [min(configs, key=lambda c: (accumulators_per_thread(c), smem_bytes(c, x.element_size())))]
 
 
-def max_accumulators(elem_bytes: int, input_precision: str) -> int:
-    """The most fp32 accumulators per thread a config may have and still compile spill-free (measured by
-    bench/aot_verify.py for sm_90 and sm_80, bench/results/aot_*): 128 with tensor-core operands (fp16, bf16, TF32),
-    32 for full-precision fp32, whose ``tl.dot`` runs on FMA units and also keeps its operand fragments in
-    registers (64 per thread spilled there)."""
-    return 32 if elem_bytes == 4 and input_precision == "ieee" else 128
+def fits_registers(config, elem_bytes: int, input_precision: str, conv_gather: str | None,
+                   major: int | None = None) -> bool:
+    """Whether ``config`` compiles without register spills, by the limits measured with bench/aot_verify.py for
+    sm_90 and sm_80 (bench/results/aot_*; tests/test_aot_compile.py re-checks every surviving config on every CI run).
+
+    * fp32 accumulators per thread (BLOCK_M x BLOCK_N / threads): at most 128 with tensor-core operands (fp16, bf16,
+      TF32), 32 for full-precision fp32, whose ``tl.dot`` runs on FMA units and keeps operand fragments in registers.
+    * the implicit-GEMM conv also builds its [BLOCK_M, BLOCK_K] input tile from per-element offsets and masks:
+      channels_last (``conv_gather`` "NHWC") costs 64 accumulators on sm_80 (128 spilled 4-144 B there) and 16 for
+      full-precision fp32 on sm_80; NCHW (scalar gathers) needs at most 32 accumulators and 16 input-tile elements
+      per thread on both (64x64x64 spilled 32-652 B on sm_90, 128x32x32 132-264 B on sm_80).
+    ``major`` is the compute capability's major version (default: this process's target)."""
+    major = major if major is not None else (CAPABILITY[0] if CAPABILITY else 8)
+    threads = config.num_warps * 32
+    acc = accumulators_per_thread(config)
+    a_tile = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"] // threads
+    full_fp32 = elem_bytes == 4 and input_precision == "ieee"
+    if conv_gather == "NCHW":
+        return acc <= 32 and a_tile <= 16
+    if conv_gather == "NHWC":
+        if full_fp32:
+            return acc <= (32 if major >= 9 else 16)
+        return acc <= (128 if major >= 9 else 64)
+    return acc <= (32 if full_fp32 else 128)
 
 
 def m_bucket(m: int) -> int:
