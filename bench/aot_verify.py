@@ -190,7 +190,9 @@ def _install(arch: int, records: list, seen: dict):
                 kernel = triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         except Exception as e:  # a variant that does not compile is a finding, recorded as such
             kernel, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        rec = dict(kernel=fn.name, arch=arch, cases=[case["name"]], dtype=case["dtype"], layout=case["layout"],
+        import triton
+
+        rec = dict(kernel=fn.name, arch=arch, triton=triton.__version__, cases=[case["name"]], dtype=case["dtype"], layout=case["layout"],
                    constexprs={k: v for k, v in c["constants"].items()
                                if isinstance(v, (int, float, str, bool)) and not isinstance(k, tuple)},
                    num_warps=c["num_warps"], num_stages=c["num_stages"], compile_s=round(time.perf_counter() - t0, 2),
@@ -407,7 +409,7 @@ def violations(records: list[dict]) -> list[str]:
     """Every variant that fails to compile, spills, or exceeds its target's per-block shared memory."""
     bad = []
     for r in records:
-        where = f"{r['kernel']} sm_{r['arch']} {r.get('dtype', '')} {r.get('layout', '')} " \
+        where = f"{r['kernel']} sm_{r['arch']} triton {r.get('triton', '?')} {r.get('dtype', '')} {r.get('layout', '')} " \
                 f"w{r.get('num_warps', '')} s{r.get('num_stages', '')} {r.get('constexprs', '')}"
         if r.get("error"):
             bad.append(f"does not compile: {where}: {r['error']}")
@@ -446,11 +448,11 @@ def write_table(records: list[dict], csrc: list[dict] | None, out_dir: Path, tag
              f"numbers for the targets.", ""]
     bad = violations(records) + [f"csrc {r['kernel']} sm_{r['arch']} spills {r['spill_stores']} B"
                                  for r in (csrc or []) if r["spill_stores"] or r["spill_loads"]]
-    for arch in sorted({r["arch"] for r in records}, reverse=True):
-        rs = [r for r in records if r["arch"] == arch]
+    for arch, tv in sorted({(r["arch"], r.get("triton", "")) for r in records}, reverse=True):
+        rs = [r for r in records if r["arch"] == arch and r.get("triton", "") == tv]
         ok = [r for r in rs if not r.get("error")]
         spilling = [r for r in ok if r["spill_stores"] or r["spill_loads"]]
-        lines.append(f"- sm_{arch} ({TARGETS[arch]['gpu']}): {len(rs)} variants, {len(rs) - len(ok)} fail to "
+        lines.append(f"- sm_{arch} ({TARGETS[arch]['gpu']}), triton {tv}: {len(rs)} variants, {len(rs) - len(ok)} fail to "
                      f"compile, {len(spilling)} spill"
                      + (f" ({min(r['spill_stores'] for r in spilling)}-{max(r['spill_stores'] for r in spilling)} B "
                         f"spill stores)" if spilling else "")
@@ -463,15 +465,17 @@ def write_table(records: list[dict], csrc: list[dict] | None, out_dir: Path, tag
                      f"{max(r['registers'] for r in csrc)}.")
     lines += ["", f"Verdict: {'PASS: no variant spills or exceeds shared memory' if not bad else 'FAIL'}", ""]
     lines += [f"- {b}" for b in bad[:60]] + (["", f"... {len(bad) - 60} more"] if len(bad) > 60 else [])
-    lines += ["", "| kernel | config | dtype | layout | variant | arch | registers | spill B (st/ld) | shared B | "
-                  "blocks/SM | cases |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r["kernel"], -r["arch"], r["dtype"], r["layout"], _config_label(r))):
+    lines += ["", "| kernel | config | dtype | layout | variant | arch | triton | registers | spill B (st/ld) | "
+                  "shared B | blocks/SM | cases |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["kernel"], -r["arch"], r.get("triton", ""), r["dtype"], r["layout"],
+                                            _config_label(r))):
         if r.get("error"):
             lines.append(f"| {r['kernel']} | {_config_label(r)} | {r['dtype']} | {r['layout']} | {_variant_label(r)} "
-                         f"| sm_{r['arch']} | - | - | - | - | does not compile: {r['error']} |")
+                         f"| sm_{r['arch']} | {r.get('triton', '')} | - | - | - | - | does not compile: {r['error']} |")
             continue
         lines.append(f"| {r['kernel']} | {_config_label(r)} | {r['dtype']} | {r['layout']} | {_variant_label(r)} | "
-                     f"sm_{r['arch']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared']:,} "
+                     f"sm_{r['arch']} | {r.get('triton', '')} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | "
+                     f"{r['shared']:,} "
                      f"| {r['blocks_per_sm']} | {'; '.join(sorted(set(r['cases']))[:3])} |")
     if csrc:
         lines += ["", "## csrc (the CUDA extension, nvcc -Xptxas -v)", "",
@@ -483,11 +487,29 @@ def write_table(records: list[dict], csrc: list[dict] | None, out_dir: Path, tag
     return base.with_suffix(".md")
 
 
-def run_arch_subprocess(arch: int, suite: str, json_path: Path, only: str | None = None) -> subprocess.Popen:
-    """Start this script for one arch in a fresh process with the environment the kernels need at import."""
+GPU_MACHINE_TRITON = "3.6.0"  # the GPU machine's Triton (engineering notes): what 3.8 compiles, 3.6 may not
+
+
+def install_triton(version: str, target: Path) -> Path:
+    """``pip install --no-deps --target`` another Triton (its own ptxas included) beside the project's, for a
+    compile with the GPU machine's version. Raises RuntimeError with pip's last lines when it cannot be had."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                           f"triton=={version}"], capture_output=True, text=True)
+    if proc.returncode != 0 or not (target / "triton" / "__init__.py").exists():
+        tail = [ln for ln in (proc.stderr + proc.stdout).splitlines() if not ln.startswith("WARNING: Location")]
+        raise RuntimeError(f"pip could not install triton=={version}: {' | '.join(tail[-3:])}")
+    return target
+
+
+def run_arch_subprocess(arch: int, suite: str, json_path: Path, only: str | None = None,
+                        triton_path: Path | None = None) -> subprocess.Popen:
+    """Start this script for one arch in a fresh process with the environment the kernels need at import
+    (``triton_path``: a folder from ``install_triton``, imported instead of the installed Triton)."""
     env = dict(os.environ, TRITON_INTERPRET="0", WFNET_TARGET_CAPABILITY=f"{arch // 10}.{arch % 10}",
                TRITON_CACHE_DIR=tempfile.mkdtemp(prefix=f"wfnet-aot-sm{arch}-"),
                WFNET_AUTOTUNE=os.environ.get("WFNET_AUTOTUNE", "1"))
+    if triton_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(triton_path)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--arch", str(arch), "--suite", suite,
                              "--json", str(json_path), "--in-process", *(["--only", only] if only else [])], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -502,6 +524,9 @@ def main(argv=None):
     ap.add_argument("--tag", default=None, help="file tag (default: <suite>_<date>)")
     ap.add_argument("--no-csrc", action="store_true", help="skip the CUDA extension's nvcc check")
     ap.add_argument("--only", help="compile only the cases whose 'name dtype layout' contains this text")
+    ap.add_argument("--triton", metavar="VERSION",
+                    help=f"also compile with this Triton, pip-installed into a temporary folder (e.g. "
+                         f"{GPU_MACHINE_TRITON}, the GPU machine's)")
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.in_process:
@@ -517,12 +542,17 @@ def main(argv=None):
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         procs = {a: run_arch_subprocess(a, args.suite, Path(tmp) / f"{a}.json", args.only) for a in args.arch}
+        if args.triton:
+            other = install_triton(args.triton, Path(tmp) / "triton_other")
+            procs.update({(a, args.triton): run_arch_subprocess(a, args.suite, Path(tmp) / f"{a}_other.json",
+                                                                args.only, other) for a in args.arch})
         for a, p in procs.items():
             out, _ = p.communicate()
             if p.returncode != 0:
                 print(out, file=sys.stderr)
-                raise SystemExit(f"AOT compile for sm_{a} failed (exit {p.returncode})")
-            records += json.loads((Path(tmp) / f"{a}.json").read_text())
+                raise SystemExit(f"AOT compile for {a} failed (exit {p.returncode})")
+            name = f"{a[0]}_other.json" if isinstance(a, tuple) else f"{a}.json"
+            records += json.loads((Path(tmp) / name).read_text())
     csrc = None if args.no_csrc else csrc_usage(tuple(args.arch))
     elapsed = time.perf_counter() - t0
     bad = violations(records)

@@ -100,3 +100,24 @@ def test_aot_compile_sm90_sm80(tmp_path):
         assert not spilling, f"CUDA extension kernels spill: {spilling}"
     if csrc_skip:
         pytest.skip(csrc_skip + " (the Triton kernels passed)")
+
+
+@pytest.mark.slow
+def test_aot_compile_with_the_gpu_machines_triton(tmp_path):
+    """The GPU machine runs Triton 3.6 (engineering notes): what this machine's Triton compiles, 3.6 may not. It is
+    pip-installed into a temporary folder and imported instead of the installed one, in the same subprocesses."""
+    try:
+        other = aot.install_triton(aot.GPU_MACHINE_TRITON, tmp_path / "triton")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    procs = {arch: aot.run_arch_subprocess(arch, "ci", tmp_path / f"{arch}.json", triton_path=other)
+             for arch in (90, 80)}
+    records = []
+    for arch, proc in procs.items():
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"AOT compile with triton {aot.GPU_MACHINE_TRITON} for sm_{arch} failed:\n{out[-6000:]}"
+        records += json.loads((tmp_path / f"{arch}.json").read_text())
+    assert {r["triton"] for r in records} == {aot.GPU_MACHINE_TRITON}
+    assert {r["kernel"] for r in records} == KERNELS
+    bad = aot.violations(records)
+    assert not bad, f"{len(bad)} kernel variants fail with triton {aot.GPU_MACHINE_TRITON}:\n" + "\n".join(bad[:30])
