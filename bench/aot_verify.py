@@ -31,7 +31,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import enum
+import inspect
 import io
+import itertools
 import json
 import os
 import re
@@ -40,6 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
+import typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +57,12 @@ TARGETS = {
     80: dict(gpu="A100 (sm_80)", smem_per_block=166_912, smem_per_sm=167_936, regs_per_sm=65_536,
              max_threads_per_sm=2048, max_blocks_per_sm=32),
 }
-SUPPORTED_TRITON = ("3.6", "3.7", "3.8")  # the internals below were read in these versions
+# The Triton internals used below (the driver object, ``jit_cache_hook`` and its keyword arguments, the ``compile``
+# dict it receives, ``Autotuner.prune_configs``, ``knobs.nvidia.dump_ptxas_log``) were read, and a CI suite compiled,
+# in these version families: 3.8 (the project's) and 3.6 (the GPU machine's). Another family fails with a message.
+SUPPORTED_TRITON = ("3.6", "3.8")
+HOOK_KWARGS = {"key", "repr", "fn", "compile", "is_manual_warmup", "already_compiled"}
+COMPILE_KEYS = {"signature", "constants", "configs", "num_warps", "num_stages", "num_ctas", "enable_fp_fusion"}
 
 
 class AOTUnavailable(RuntimeError):
@@ -117,12 +127,18 @@ def _check_triton():
     if missing:
         raise AOTUnavailable(f"triton {triton.__version__} lacks what AOT verification uses: {', '.join(missing)} "
                              f"(read in triton {', '.join(SUPPORTED_TRITON)}); update bench/aot_verify.py")
+    if version not in SUPPORTED_TRITON and not os.environ.get("WFNET_AOT_ANY_TRITON"):
+        raise AOTUnavailable(f"triton {triton.__version__}: bench/aot_verify.py relies on Triton internals read in "
+                             f"the {', '.join(SUPPORTED_TRITON)} families only; check _install's driver / hook / "
+                             f"Autotuner use against this version, then add {version!r} to SUPPORTED_TRITON "
+                             f"(WFNET_AOT_ANY_TRITON=1 tries anyway)")
     return version
 
 
 def _install(arch: int, records: list, seen: dict):
     """Point Triton at the target ``arch`` and make every launch compile-and-record instead of launching."""
     import torch
+    import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.backends.driver import DriverBase
@@ -169,15 +185,25 @@ def _install(arch: int, records: list, seen: dict):
 
     driver.set_active(TargetOnlyDriver())
     knobs.nvidia.dump_ptxas_log = True
-    state = {"case": None}
+    state = {"case": None, "role": "launch", "config_filter": None}
+    triton_version = triton.__version__
 
-    def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
+    tile_params = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPILOGUE_SUBTILES", "BLOCK_C", "BLOCK_P"}
+
+    def hook(**kw):
+        if set(kw) != HOOK_KWARGS or not COMPILE_KEYS <= set(kw["compile"]):
+            raise AOTUnavailable(f"triton's jit_cache_hook was called with {sorted(kw)} / compile keys "
+                                 f"{sorted(kw.get('compile', {}))}; bench/aot_verify.py reads {sorted(HOOK_KWARGS)} / "
+                                 f"{sorted(COMPILE_KEYS)}: update it for this Triton")
+        fn, c = kw["fn"], kw["compile"]
         jit_fn = fn.jit_function
-        c = compile
-        variant = (fn.name, str(key))
-        case = state["case"]
+        variant = (fn.name, str(kw["key"]), c["num_warps"], c["num_stages"])
+        case, role = state["case"], state["role"]
         if variant in seen:  # the same specialisation from another case: compiled once, listed for both
-            records[seen[variant]]["cases"].append(case["name"])
+            rec = records[seen[variant]]
+            if case["name"] not in rec["cases"]:
+                rec["cases"].append(case["name"])
+            rec["roles"] = sorted(set(rec["roles"]) | {role})
             return True
         src = ASTSource(jit_fn, c["signature"], c["constants"], c["configs"][0])
         options = dict(num_warps=c["num_warps"], num_stages=c["num_stages"], num_ctas=c["num_ctas"],
@@ -190,15 +216,17 @@ def _install(arch: int, records: list, seen: dict):
                 kernel = triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         except Exception as e:  # a variant that does not compile is a finding, recorded as such
             kernel, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        import triton
-
-        rec = dict(kernel=fn.name, arch=arch, triton=triton.__version__, cases=[case["name"]], dtype=case["dtype"], layout=case["layout"],
-                   constexprs={k: v for k, v in c["constants"].items()
-                               if isinstance(v, (int, float, str, bool)) and not isinstance(k, tuple)},
+        consts = {name: c["constants"][(i,)] for i, name in enumerate(jit_fn.arg_names) if (i,) in c["constants"]}
+        declared = [p.name for p in jit_fn.params if p.is_constexpr]
+        rec = dict(kernel=fn.name, arch=arch, triton=triton_version, cases=[case["name"]], dtype=case["dtype"],
+                   layout=case["layout"], wrapper_args=dict(case.get("extra", {})), roles=[role],
+                   constexprs={k: v for k, v in consts.items() if isinstance(v, (int, float, str, bool))},
+                   # the kernel's own constexpr parameters other than the tile (HAS_GB, STORE_Z, ACT, ...): every
+                   # one a kernel declares shows up here without this script naming it
+                   variant={k: consts[k] for k in declared if k in consts and k not in tile_params
+                            and isinstance(consts[k], (int, float, str, bool))},
                    num_warps=c["num_warps"], num_stages=c["num_stages"], compile_s=round(time.perf_counter() - t0, 2),
                    error=error)
-        consts = {name: c["constants"][(i,)] for i, name in enumerate(jit_fn.arg_names) if (i,) in c["constants"]}
-        rec["constexprs"] = {k: v for k, v in consts.items() if isinstance(v, (int, float, str, bool))}
         if kernel is not None:
             rec.update(parse_ptxas_log(log.getvalue()))
             rec["shared"] = int(kernel.metadata.shared)
@@ -207,19 +235,30 @@ def _install(arch: int, records: list, seen: dict):
         records.append(rec)
         if os.environ.get("WFNET_AOT_PROGRESS"):
             print(f"[{len(records)}] {rec['kernel']} {rec['dtype']} {rec['layout']} {_config_label(rec)} "
-                  f"{rec.get('registers')} regs {rec.get('spill_stores')} B spilled {rec['compile_s']} s",
-                  file=sys.stderr, flush=True)
+                  f"{_variant_label(rec)} {rec.get('registers')} regs {rec.get('spill_stores')} B spilled "
+                  f"{rec['compile_s']} s", file=sys.stderr, flush=True)
         return True  # compiled and recorded: Triton must not launch
 
     knobs.runtime.jit_cache_hook = hook
+    from wf_kernels.autotune import single_config
 
     def run_every_pruned_config(self, *args, **kwargs):
+        """Every config the pruner keeps for this launch, then the WFNET_AUTOTUNE=0 config (which Triton runs
+        unpruned for every launch); ``state["config_filter"]`` narrows the list in the CI suite's second pass."""
         self.nargs = dict(zip(self.arg_names, args))
         try:
-            for config in self.prune_configs(kwargs):
-                self.fn.run(*args, **kwargs, **config.all_kwargs())
+            pruned = self.prune_configs(kwargs)
+            default = single_config(self.configs)
+            todo = [(cfg, "pruned") for cfg in pruned] + [(default, "autotune0")]
+            keep = state.get("config_filter")
+            for cfg, role in todo:
+                if keep is not None and not keep(self.base_fn.__name__, cfg, role):
+                    continue
+                state["role"] = role
+                self.fn.run(*args, **kwargs, **cfg.all_kwargs())
         finally:
             self.nargs = None
+            state["role"] = "launch"
 
     Autotuner.run = run_every_pruned_config
     return state
@@ -257,11 +296,65 @@ LINEAR_SHAPES = [
 ]
 
 
+def _enumerable(hint):
+    """Every value a parameter annotated ``hint`` can take, or None: bool, typing.Literal[...], an enum.Enum
+    subclass, and any of them Optional."""
+    if hint is bool:
+        return (False, True)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return tuple(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return tuple(args)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        inner = _enumerable(rest[0] if len(rest) == 1 else typing.Union[tuple(rest)])
+        return None if inner is None else (None, *inner)
+    return None
+
+
+def wrapper_choices(fn, handled) -> dict:
+    """{parameter: values, default first} for every parameter of the launch wrapper ``fn`` that a case does not
+    set itself (``handled``). This is how a variant added to a wrapper later (an activation, a folded epilogue: any
+    argument that picks a constexpr) gets compiled without this script naming it. A parameter whose values cannot
+    be enumerated from its annotation raises: it must be annotated (bool, typing.Literal[...], an enum.Enum,
+    Optional of these) or set by the case, never silently left at its default."""
+    fn = getattr(fn, "_init_fn", fn)  # a torch.library.custom_op: the Python function it was made from
+    sig = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as e:  # an annotation that does not evaluate: say which wrapper
+        raise AOTUnavailable(f"cannot read the annotations of {fn.__module__}.{fn.__qualname__}: {e}") from e
+    out = {}
+    for name, p in sig.parameters.items():
+        if name in handled or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        values = _enumerable(hints.get(name))
+        if values is None:
+            raise AOTUnavailable(
+                f"launch wrapper {fn.__module__}.{fn.__qualname__}: parameter {name!r} "
+                f"(annotation {hints.get(name, p.annotation)!r}) is not set by bench/aot_verify.py's cases and its "
+                f"values cannot be enumerated; annotate it bool, typing.Literal[...] or an enum.Enum (Optional "
+                f"allowed), or set it in the case, so every kernel variant it selects is compiled")
+        if p.default is not p.empty and p.default in values:
+            values = (p.default, *[v for v in values if v != p.default])
+        out[name] = values
+    return out
+
+
+def _combos(choices: dict) -> list[dict]:
+    """Every combination of the discovered wrapper arguments, the all-defaults one first."""
+    names = list(choices)
+    return [dict(zip(names, vals)) for vals in itertools.product(*(choices[n] for n in names))]
+
+
 def _cases(suite: str):
-    """(name, dtype, layout, thunk) for every launch; ``suite`` "ci" keeps the training variant (z stored: the
-    largest epilogue) of every GEMM shape plus the inference variant of the largest shapes, "full" everything."""
+    """Every launch as a dict (name, dtype, layout, wrapper, handled, thunk): ``thunk(**extra)`` calls the project's
+    launch wrapper ``wrapper``, setting the parameters in ``handled`` itself and passing ``extra`` (the discovered
+    ones, ``wrapper_choices``). ``suite`` "ci" keeps the training variant (z stored: the largest epilogue) of the
+    ViT-S qkv and of VGG-16's deep conv (channels_last in every dtype, NCHW in fp32 and bf16), "full" every shape,
+    layout and mode."""
     import torch
-    import torch.nn.functional as F
     from wf_kernels.backward import gate_backward
     from wf_kernels.conv2d import conv2d_forward
     from wf_kernels.epilogue import gate_forward
@@ -269,6 +362,12 @@ def _cases(suite: str):
     from wf_kernels.linear import linear_forward
 
     cases = []
+
+    def add(name, dtype, layout, wrapper, handled, thunk):
+        cases.append(dict(name=name, dtype=dtype, layout=layout, wrapper=wrapper, handled=set(handled), thunk=thunk))
+
+    lin_args = ("x3", "weight", "g", "gb", "path", "save_z", "precision")
+    conv_args = ("x", "weight", "g", "gb", "stride", "padding", "dilation", "groups", "path", "save_z", "precision")
     save_z_options = (True, False)
     for dname in DTYPES:
         dt = _torch_dtype(dname)
@@ -278,12 +377,14 @@ def _cases(suite: str):
                 if suite == "ci" and not (save_z and name == "vit_small.qkv"):
                     continue  # ci: the largest epilogue (bias gate + stored z) of the real shape
 
-                def thunk(b=b, t=t, k=k, n=n, has_bias=has_bias, dt=dt, save_z=save_z, precision=precision):
+                def thunk(b=b, t=t, k=k, n=n, has_bias=has_bias, dt=dt, save_z=save_z, precision=precision, **extra):
                     x = torch.empty(b, t, k, dtype=dt)
                     w = torch.empty(n, k, dtype=dt)
                     g = torch.empty(b, n)
-                    linear_forward(x, w, g, torch.empty(b, n) if has_bias else None, "gemm", save_z, precision)
-                cases.append((f"linear {name} {'train' if save_z else 'infer'}", dname, "tokens", thunk))
+                    linear_forward(x, w, g, torch.empty(b, n) if has_bias else None, "gemm", save_z, precision,
+                                   **extra)
+                add(f"linear {name} {'train' if save_z else 'infer'}", dname, "tokens", linear_forward, lin_args,
+                    thunk)
         for layout in ("NCHW", "NHWC"):
             fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
             for name, b, ci, h, w_, co, ks, st, pad, has_bias in CONV_SHAPES:
@@ -292,13 +393,14 @@ def _cases(suite: str):
                         continue
 
                     def thunk(b=b, ci=ci, h=h, w_=w_, co=co, ks=ks, st=st, pad=pad, has_bias=has_bias, dt=dt,
-                              fmt=fmt, save_z=save_z, precision=precision):
+                              fmt=fmt, save_z=save_z, precision=precision, **extra):
                         x = torch.empty(b, ci, h, w_, dtype=dt).contiguous(memory_format=fmt)
                         w = torch.empty(co, ci, ks, ks, dtype=dt).contiguous(memory_format=fmt)
                         g = torch.empty(b, co)
                         conv2d_forward(x, w, g, torch.empty(b, co) if has_bias else None, (st, st), (pad, pad),
-                                       (1, 1), 1, "implicit_gemm", save_z, precision)
-                    cases.append((f"conv2d {name} {'train' if save_z else 'infer'}", dname, layout, thunk))
+                                       (1, 1), 1, "implicit_gemm", save_z, precision, **extra)
+                    add(f"conv2d {name} {'train' if save_z else 'infer'}", dname, layout, conv2d_forward, conv_args,
+                        thunk)
         if dname == "fp32-tf32":
             continue  # the elementwise kernels have no dot: TF32 does not apply
         # the separate gate pass and its backward, on conv outputs (both layouts) and linear outputs
@@ -308,33 +410,42 @@ def _cases(suite: str):
                                         ("NCHW", (3, 7, 9, 11), torch.contiguous_format, 1)):
             c = shape[cdim]
             for has_bias in (True, False):
-                def thunk(shape=shape, fmt=fmt, cdim=cdim, c=c, dt=dt, has_bias=has_bias):
+                def thunk(shape=shape, fmt=fmt, cdim=cdim, c=c, dt=dt, has_bias=has_bias, **extra):
                     z = torch.empty(shape, dtype=dt).contiguous(memory_format=fmt) if len(shape) == 4 else \
                         torch.empty(shape, dtype=dt)
                     g = torch.empty(shape[0], c)
-                    gate_forward(z, g, torch.empty(shape[0], c) if has_bias else None, cdim, in_place=True)
-                cases.append((f"gate pass {shape}", dname, lname, thunk))
+                    gate_forward(z, g, torch.empty(shape[0], c) if has_bias else None, cdim, **extra)
+                add(f"gate pass {shape}", dname, lname, gate_forward, ("z", "g", "gb", "channel_dim"), thunk)
 
-            def bwd(shape=shape, fmt=fmt, cdim=cdim, c=c, dt=dt):
+            def bwd(shape=shape, fmt=fmt, cdim=cdim, c=c, dt=dt, **extra):
                 z = torch.empty(shape, dtype=dt).contiguous(memory_format=fmt) if len(shape) == 4 else \
                     torch.empty(shape, dtype=dt)
                 go = torch.empty_like(z)
                 g = torch.empty(shape[0], c)
                 for need in ((True, True, True), (False, True, True), (True, False, False)):
-                    gate_backward(go, z if need[1] else z.new_empty(0), g, cdim, *need)
-            cases.append((f"gate backward {shape}", dname, lname, bwd))
+                    gate_backward(go, z if need[1] else z.new_empty(0), g, cdim, *need, **extra)
+            add(f"gate backward {shape}", dname, lname, gate_backward,
+                ("grad_out", "z", "g", "channel_dim", "need_gz", "need_g", "need_gb"), bwd)
 
-    def class_thunk():
+    def class_thunk(**extra):
         rows = torch.tensor([3, 1, 3, 0, 2])
         perm, starts = segments(rows, 10)
-        class_grad(torch.empty(5, 1152), torch.empty(10, 1152), perm, starts)
-    cases.append(("class grad", "fp32", "-", class_thunk))
-    del F
+        class_grad(torch.empty(5, 1152), torch.empty(10, 1152), perm, starts, **extra)
+    add("class grad", "fp32", "-", class_grad, ("grad_g", "alpha", "perm", "starts"), class_thunk)
     return cases
 
 
+def _cfg_label(kwargs, num_warps, num_stages):
+    return f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}x{kwargs['BLOCK_K']} w{num_warps} s{num_stages}"
+
+
 def compile_for(arch: int, suite: str, only: str | None = None) -> list[dict]:
-    """In THIS process (started with WFNET_TARGET_CAPABILITY and TRITON_INTERPRET=0): every variant, recorded."""
+    """In THIS process (started with WFNET_TARGET_CAPABILITY and TRITON_INTERPRET=0): every variant, recorded.
+
+    Pass 1 runs every case with the launch wrappers' default arguments; pass 2 every other combination of the
+    discovered wrapper arguments (``wrapper_choices``: e.g. an activation). In the "ci" suite pass 2 compiles, per
+    kernel, case, dtype and layout, the config that needed the most registers in pass 1 (the one closest to
+    spilling) and the WFNET_AUTOTUNE=0 config; "full" compiles every surviving config in both passes."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise AOTUnavailable("TRITON_INTERPRET=1 is set: kernels would be interpreted, not compiled")
     if not os.environ.get("TRITON_CACHE_DIR", "").startswith(tempfile.gettempdir()):
@@ -347,13 +458,34 @@ def compile_for(arch: int, suite: str, only: str | None = None) -> list[dict]:
     sys.path.insert(0, str(ROOT))
     records, seen = [], {}
     state = _install(arch, records, seen)
-    for name, dname, layout, thunk in _cases(suite):
-        if only and only not in f"{name} {dname} {layout}":
-            continue
-        state["case"] = dict(name=name, dtype=dname, layout=layout)
-        thunk()
+    cases = [cs for cs in _cases(suite) if not only or only in f"{cs['name']} {cs['dtype']} {cs['layout']}"]
+    combos = {id(cs): _combos(wrapper_choices(cs["wrapper"], cs["handled"])) for cs in cases}
+    for cs in cases:  # pass 1: the defaults
+        state["case"] = dict(name=cs["name"], dtype=cs["dtype"], layout=cs["layout"], extra={})
+        cs["thunk"](**combos[id(cs)][0])
     if not records:
         raise AOTUnavailable("no kernel variant was captured: the launch interception did not fire")
+    if suite == "ci":  # pass 2 keeps, per (kernel, case, dtype, layout), pass 1's most register-hungry config
+        top = {}
+        for r in records:
+            if "BLOCK_M" not in r["constexprs"] or r.get("error"):
+                continue
+            for case_name in r["cases"]:
+                k = (r["kernel"], case_name, r["dtype"], r["layout"])
+                if k not in top or r["registers"] > top[k][0]:
+                    top[k] = (r["registers"], _cfg_label(r["constexprs"], r["num_warps"], r["num_stages"]))
+
+        def keep(kernel, cfg, role):
+            c = state["case"]
+            best = top.get((kernel, c["name"], c["dtype"], c["layout"]))
+            return role == "autotune0" or best is None or \
+                best[1] == _cfg_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
+        state["config_filter"] = keep
+    for cs in cases:  # pass 2: every other combination of the discovered wrapper arguments
+        for extra in combos[id(cs)][1:]:
+            state["case"] = dict(name=cs["name"], dtype=cs["dtype"], layout=cs["layout"], extra=extra)
+            cs["thunk"](**extra)
+    state["config_filter"] = None
     return records
 
 
@@ -424,17 +556,20 @@ def violations(records: list[dict]) -> list[str]:
 
 def _config_label(r):
     c = r.get("constexprs", {})
-    if "BLOCK_M" in c:
-        return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{r['num_warps']} s{r['num_stages']}"
+    if "BLOCK_M" in c:  # "(A0)": the config WFNET_AUTOTUNE=0 runs with
+        return _cfg_label(c, r["num_warps"], r["num_stages"]) + (" (A0)" if "autotune0" in r.get("roles", ()) else "")
     blocks = " ".join(f"{k}={v}" for k, v in c.items() if k.startswith("BLOCK"))
     return f"{blocks} w{r['num_warps']}"
 
 
 def _variant_label(r):
-    c = r.get("constexprs", {})
-    flags = [k for k in ("HAS_GB", "STORE_Z", "NEED_GZ", "NEED_G", "NEED_GB", "C_INNER") if c.get(k)]
-    extra = [f"{k}={c[k]}" for k in ("KH", "INPUT_PRECISION", "ACT") if k in c]
-    return " ".join(flags + extra) or "-"
+    """The kernel's own non-tile constexprs (flags set true, other values as name=value) and the discovered wrapper
+    arguments that are not at their defaults."""
+    v = r.get("variant", {})
+    parts = [k for k, val in v.items() if val is True]
+    parts += [f"{k}={val}" for k, val in v.items() if not isinstance(val, bool)]
+    parts += [f"{k}={val}" for k, val in r.get("wrapper_args", {}).items()]
+    return " ".join(parts) or "-"
 
 
 def write_table(records: list[dict], csrc: list[dict] | None, out_dir: Path, tag: str, meta: dict) -> Path:
@@ -457,7 +592,9 @@ def write_table(records: list[dict], csrc: list[dict] | None, out_dir: Path, tag
                      + (f" ({min(r['spill_stores'] for r in spilling)}-{max(r['spill_stores'] for r in spilling)} B "
                         f"spill stores)" if spilling else "")
                      + f", shared memory max {max((r['shared'] for r in ok), default=0):,} B of "
-                       f"{TARGETS[arch]['smem_per_block']:,} B per block.")
+                       f"{TARGETS[arch]['smem_per_block']:,} B per block, registers max "
+                       f"{max((r['registers'] for r in ok), default=0)}; the WFNET_AUTOTUNE=0 config (A0) in "
+                       f"{sum(1 for r in rs if 'autotune0' in r.get('roles', ()))} of them.")
     if csrc is not None:
         lines.append(f"- csrc/wf_kernels.cu: {len(csrc)} kernel instantiations over "
                      f"{', '.join(f'sm_{a}' for a in sorted({r['arch'] for r in csrc}, reverse=True))}, "

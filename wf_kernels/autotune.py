@@ -92,12 +92,18 @@ def gemm_configs() -> list:
     configs = _HOPPER if CAPABILITY is not None and CAPABILITY[0] >= 9 else _AMPERE
     if AUTOTUNE:
         return list(configs)
-    # One config and no tuning: Triton skips early_config_prune then, so the config must fit fp32 operands in this
-    # device's shared memory and compile spill-free in every dtype, full-precision fp32 included (the strictest).
+    return [single_config(configs)]
+
+
+def single_config(configs):
+    """The one config ``WFNET_AUTOTUNE=0`` runs with, out of the arch's list ``configs``. Triton skips
+    early_config_prune for a single config, so it must fit fp32 operands in this device's shared memory and compile
+    spill-free in every dtype and layout, full-precision fp32 included (the strictest). bench/aot_verify.py compiles
+    it for every launch beside the pruned configs."""
     limit = smem_limit(0) if CAPABILITY is not None else _SMEM_FALLBACK[9]
     fitting = [c for c in configs if smem_bytes(c, 4) <= limit
                and all(fits_registers(c, 4, "ieee", gather) for gather in (None, "NHWC", "NCHW"))]
-    return [(fitting or [min(configs, key=lambda c: (accumulators_per_thread(c), smem_bytes(c, 4)))])[0]]
+    return (fitting or [min(configs, key=lambda c: (accumulators_per_thread(c), smem_bytes(c, 4)))])[0]
 
 
 def smem_bytes(config, elem_bytes: int) -> int:
