@@ -100,7 +100,9 @@ def out_shape(x_shape, w_shape, stride, padding, dilation):
 
 def conv2d_forward(x, weight, g, gb, stride, padding, dilation, groups, path: str, save_z: bool, precision: str):
     """(out, z or an empty tensor). ``x`` must be NCHW- or channels_last-contiguous; ``g`` / ``gb``: fp32 [B, C_out]
-    sample gates (gb None without bias); ``path``: "implicit_gemm" or "epilogue"."""
+    sample gates (gb None without bias); ``path``: "implicit_gemm" or "epilogue". An argument added here that
+    selects a kernel variant must be annotated bool / typing.Literal[...] / an Enum: bench/aot_verify.py enumerates
+    such arguments from the annotation and compiles every variant for sm_90 / sm_80."""
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     empty = x.new_empty(0)
     if path == "epilogue":

@@ -116,7 +116,9 @@ def as_bcp(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
 
 def gate_forward(z: torch.Tensor, g: torch.Tensor, gb, channel_dim: int, in_place: bool = False) -> torch.Tensor:
     """out = z * g + gb in one pass (``g``, ``gb``: fp32 [B, C]); ``out`` has z's shape, strides and dtype. With
-    ``in_place`` z itself is overwritten and returned (inference: z is a fresh conv / matmul output)."""
+    ``in_place`` z itself is overwritten and returned (inference: z is a fresh conv / matmul output). An argument
+    added here that selects a kernel variant must be annotated bool / typing.Literal[...] / an Enum:
+    bench/aot_verify.py enumerates such arguments from the annotation and compiles every variant for sm_90 / sm_80."""
     out = z if in_place else torch.empty_like(z)
     if z.numel() == 0:
         return out

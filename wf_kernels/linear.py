@@ -58,7 +58,9 @@ def _wf_linear_fwd_kernel(
 
 def linear_forward(x3, weight, g, gb, path: str, save_z: bool, precision: str):
     """x3: [B, T, K] -> (out [B, T, N], z [B, T, N] or an empty tensor). ``g`` / ``gb``: fp32 [B, N] sample gates
-    (gb None without bias). ``path``: "gemm" or "epilogue"; ``precision``: ``tl.dot``'s fp32 input precision."""
+    (gb None without bias). ``path``: "gemm" or "epilogue"; ``precision``: ``tl.dot``'s fp32 input precision.
+    An argument added here that selects a kernel variant must be annotated bool / typing.Literal[...] / an Enum:
+    bench/aot_verify.py enumerates such arguments from the annotation and compiles every variant for sm_90 / sm_80."""
     b, t, k = x3.shape
     n = weight.shape[0]
     empty = x3.new_empty(0)
