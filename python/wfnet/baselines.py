@@ -27,7 +27,7 @@ from .config import BASELINE_METHODS as METHODS
 from .config import BaselineConfig, TrainConfig
 from .data import labels_of
 from .metrics import accuracy
-from .train import train_classifier
+from .train import drop_single_last, train_classifier
 
 __all__ = ["BaselineConfig", "unlearn_baseline", "METHODS"]
 
@@ -38,7 +38,8 @@ def _random_labels(original, train_ds, c, num_classes, cfg, device, progress):
     g = torch.Generator().manual_seed(cfg.seed * 1000 + c)
     steps = 0
     for epoch in range(cfg.epochs):
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g)
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g,
+                            drop_last=drop_single_last(len(train_ds), cfg.batch_size))  # BatchNorm: no batch of 1
         for x, y in tqdm(loader, desc=f"random-labels class {c}", leave=False, disable=not progress):
             if cfg.max_steps is not None and steps >= cfg.max_steps:
                 return model.eval()
@@ -64,8 +65,10 @@ def _negative_gradients(original, train_ds, val_ds, c, cfg, device, progress):
     half = max(1, cfg.batch_size // 2)
     steps = 0
     for epoch in range(cfg.epochs):
-        f_loader = DataLoader(forget, batch_size=half, shuffle=True, generator=g)
-        r_iter = iter(DataLoader(retain, batch_size=half, shuffle=True, generator=g))
+        f_loader = DataLoader(forget, batch_size=half, shuffle=True, generator=g,
+                              drop_last=drop_single_last(len(forget), half))  # BatchNorm: no batch of 1
+        r_iter = iter(DataLoader(retain, batch_size=half, shuffle=True, generator=g,
+                                 drop_last=drop_single_last(len(retain), half)))
         for xf, yf in tqdm(f_loader, desc=f"negative-gradients class {c}", leave=False, disable=not progress):
             if cfg.max_steps is not None and steps >= cfg.max_steps:
                 return model.eval()

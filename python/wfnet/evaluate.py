@@ -303,8 +303,19 @@ def evaluate_run(run, *, metrics: Sequence[str] = METRICS, force: bool = False, 
     if bad:
         raise ValueError(f"classes {bad} are out of range: num_classes={run.num_classes}")
     baselines = list(run.baseline_methods())
+    has_gates = run.model_stamp("wfnet") is not None
+    root = Path(run.run_dir)
+    if not has_gates and (methods is None or "wfnet" in methods):
+        # results.md / untrain_summary.json still describe gates whose file is gone (deleted by hand): evaluating
+        # without them would drop the WF-Net row silently while results.md still shows it
+        left = [n for n in ("results.json", "results.md", "untrain_summary.json") if (root / n).exists()]
+        if left or methods is not None:
+            raise ValueError(f"{root / 'filters.safetensors'} does not exist"
+                             + (f" although {', '.join(left)} describe(s) its gates" if left else "")
+                             + f": recreate it with `wfnet untrain {root}` (the options are in results.json), "
+                               f"or leave WF-Net out with --methods")
     if methods is None:  # WF-Net once the run has gates
-        methods = ["original", *baselines] + (["wfnet"] if run.model_stamp("wfnet") is not None else [])
+        methods = ["original", *baselines] + (["wfnet"] if has_gates else [])
     methods = list(methods)
     for m in methods:
         if m not in ("original", "wfnet") and m not in baselines:

@@ -406,7 +406,14 @@ class Run:
 
         cfg = options or self.untrain_config()
         key = options_key(cfg)
-        current = self.untrain_options()
+        try:
+            current = self.untrain_options()
+        except files.CorruptFileError:
+            if not force:
+                raise
+            # --force replaces the gates whatever they hold; a damaged file holds nothing worth keeping
+            self._say(f"{self.run_dir / FILTERS} is damaged or truncated; --force: untraining anew to replace it")
+            current = None
         if current is not None and current != key and not force:
             raise RunError(f"{self.run_dir} already holds gates untrained with other options "
                            f"({differences(current, key)}); pass --force to replace them (the old ones stay until "
@@ -422,6 +429,10 @@ class Run:
                 self._say(f"{self.run_dir}: already untrained with these options; results in "
                           f"{self.run_dir / RESULTS_MD}")
                 return {**done, "markdown": (self.run_dir / RESULTS_MD).read_text(encoding="utf-8")}
+        if not resume and not force and state.exists():
+            # a killed untraining left its state: starting over silently would throw that work away
+            raise RunError(f"{self.run_dir} holds an interrupted untraining ({state.name}): pass --resume to "
+                           f"continue it (with the same options), or --force to discard it and start over")
         wf = self.wrapped(gates=False, targets=cfg.targets)
         self._say(f"{self.run_dir}: {wf.plan.one_line(wf.num_classes)}")
         bundle = self.data

@@ -56,18 +56,30 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     return padded[batch, chan, rows, cols]
 
 
+def drop_single_last(n: int, batch_size: int) -> bool:
+    """Whether a training loader over ``n`` samples drops its last batch: only when that batch would hold ONE
+    sample (and it is not the only batch). BatchNorm in training mode cannot normalise one value per channel
+    ("Expected more than 1 value per channel"), e.g. ImageFolder 3 x 30 images with --batch-size 16 after the
+    validation split; dropping one sample per epoch (a different one each epoch, the order is shuffled) costs
+    nothing measurable."""
+    return n > batch_size and n % batch_size == 1
+
+
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
                 info: DistInfo | None = None, epoch: int = 0) -> DataLoader:
-    """A DataLoader with a seeded order; under torchrun each rank gets its DistributedSampler shard."""
+    """A DataLoader with a seeded order; under torchrun each rank gets its DistributedSampler shard. A shuffled
+    (training) loader drops a last batch of one sample (:func:`drop_single_last`)."""
     if info is not None and info.enabled and shuffle:
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(ds, info.world_size, info.rank, shuffle=True, seed=seed)
         sampler.set_epoch(epoch)
-        return DataLoader(ds, batch_size=batch_size // info.world_size, sampler=sampler, num_workers=num_workers)
+        bs = batch_size // info.world_size
+        return DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=num_workers,
+                          drop_last=drop_single_last(len(sampler), bs))
     g = torch.Generator().manual_seed(seed + epoch)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None,
-                      num_workers=num_workers)
+                      num_workers=num_workers, drop_last=shuffle and drop_single_last(len(ds), batch_size))
 
 
 def _optimizer(params, cfg: TrainConfig):
