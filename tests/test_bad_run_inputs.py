@@ -110,3 +110,20 @@ def test_imagefolder_with_a_last_training_batch_of_one(tmp_path, capsys):
     assert main(["baselines", str(run), "--methods", "random-labels,negative-gradients", "--classes", "0",
                  "--epochs", "1", "--batch-size", "16", *COMMON]) == 0
     assert main(["untrain", str(run), "--max-epochs", "1", "--batch-size", "16", *COMMON]) == 0
+
+
+def test_audit_is_cached_like_the_tables(untrained_run, tmp_path, monkeypatch):
+    """issue 25 item 6: a second identical audit request reads eval/audit.json (a `wfnet demo` rerun spent 72 s
+    recomputing it); other options or --force recompute it."""
+    from wfnet import audit
+
+    run = _copy(untrained_run, tmp_path)
+    args = ["evaluate", str(run), "--metrics", "mia,probe", "--classes", "0,3", "--audit-samples", "40", *COMMON]
+    assert main(args) == 0
+    first = (run / "eval" / "audit.json").read_text()
+    calls = []
+    real = audit.run_audit
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(args) == 0 and calls == [] and (run / "eval" / "audit.json").read_text() == first
+    assert main([*args, "--force"]) == 0 and calls == [1]
+    assert main([*args[:-len(COMMON)], "--audit-samples", "30", *COMMON]) == 0 and calls == [1, 1]
