@@ -61,7 +61,16 @@ PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   for cand in python3 python; do command -v "$cand" >/dev/null 2>&1 && { PY=$(command -v "$cand"); break; }; done
 fi
-die() { echo "gpu_check: FATAL: $1" | tee -a "$W/gpu_check.log" >&2; summary; publish; exit "${2:-2}"; }
+die() {  # a failure before the verdict still leaves verdict.md (FAIL + the reason) in the output folder
+  echo "gpu_check: FATAL: $1" | tee -a "$W/gpu_check.log" >&2
+  [ "$VERDICT_DONE" = 1 ] || verdict "FATAL: $1"
+  summary; publish; exit "${2:-2}"
+}
+VERDICT_DONE=0
+# a TERM / INT (the device call's own time limit, a Ctrl-C) before the verdict still writes one; after it, the
+# verdict stands and only the summary is refreshed
+STAGE_PID=""
+trap 'echo "gpu_check: interrupted at $(date +%T)" >> "$W/gpu_check.log"; [ -n "$STAGE_PID" ] && kill -TERM "$STAGE_PID" 2>/dev/null; [ "$VERDICT_DONE" = 1 ] || verdict "interrupted by a signal before the first stage group finished"; summary; publish; exit 130' INT TERM
 
 # --------------------------------------------------------------------------------------------- publishing
 publish() {  # copy what exists now into the output folder (atomic renames: a cut run never leaves half a file)
@@ -96,9 +105,24 @@ summary() {  # rewrite summary.md from what the work folder holds now
   } > "$W/summary.md.new" && mv "$W/summary.md.new" "$W/summary.md"
 }
 
-verdict() {  # verdict.md: the first stage's answer (build, GPU tests, memcheck, verification), written at once
+overall() {  # overall [REASON]: "PASS" only when every stage that ran passed and both backends are verified=True
+  if [ -n "${1:-}" ]; then echo "FAIL ($1)"; return; fi
+  local why=""
+  printf "%b" "$STAGE_ROWS" | grep -qE "FAILED|TIMEOUT" && why="a stage failed or timed out"
+  for st in verify record; do
+    printf "%b" "$STAGE_ROWS" | grep -qE "^\| $st \|" || why="${why:+$why; }the $st stage did not run"
+  done
+  for b in triton cuda; do
+    grep -qE "/ $b: verified=True" "$W/record.log" 2>/dev/null || why="${why:+$why; }$b is not verified"
+  done
+  if [ -z "$why" ]; then echo "PASS"; else echo "FAIL ($why)"; fi
+}
+
+verdict() {  # verdict [REASON]: verdict.md, the first stage's answer (build, GPU tests, memcheck, verification)
   {
     echo "# wfnet GPU check verdict $(date -Iseconds)"
+    echo
+    echo "VERDICT: $(overall "${1:-}")   ($(( $(date +%s) - START )) s after the start)"
     echo
     grep -E "^device:|^torch " "$W/env.txt" 2>/dev/null
     echo
@@ -130,8 +154,13 @@ stage() {  # stage NAME BUDGET_S CMD... : run under timeout, log to $W/NAME.log,
   fi
   echo "=== $name (limit ${limit}s) $(date +%T) ===" | tee -a "$W/gpu_check.log"
   t0=$(date +%s)
-  timeout -k 5 "$limit" "$@" > "$W/$name.log" 2>&1
+  # in the background + wait: a TERM / INT to this script runs its trap at once (bash defers traps while a
+  # foreground child runs, and timeout's own process group would not get the signal)
+  timeout -k 5 "$limit" "$@" > "$W/$name.log" 2>&1 &
+  STAGE_PID=$!
+  wait "$STAGE_PID"
   rc=$?
+  STAGE_PID=""
   secs=$(( $(date +%s) - t0 ))
   tail -n 25 "$W/$name.log"
   { echo "--- $name log ---"; cat "$W/$name.log"; } >> "$W/gpu_check.log"
@@ -212,6 +241,9 @@ EXT_ERR=$("$PY" -c "import wfnet._C" 2>&1) || {
 
 verify_all() {  # GPU tests and both memchecks at once (one GPU, separate processes): the slowest sets the time
   local pids=() rc=0 p
+  # the stage's timeout (or the script's trap) TERMs this shell: pass it on to the three timeouts, each in its own
+  # process group, so that nothing of a cut run outlives it
+  trap 'kill -TERM "${pids[@]}" 2>/dev/null; exit 143' TERM INT
   timeout -k 5 "$TEST_LIMIT" env WFNET_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" \
     tests/test_triton_linear.py tests/test_triton_conv2d.py tests/test_compile.py tests/test_cuda_ext.py \
     tests/test_ops.py tests/test_layers.py tests/test_backends.py tests/test_rows.py > "$W/test.log" 2>&1 &
@@ -249,7 +281,7 @@ if on record; then
   stage record 10 "$PY" bench/record_verification.py --junit "$W/pytest_gpu.xml" \
     --memcheck "triton=$W/memcheck_triton.log" --memcheck "cuda=$W/memcheck_cuda.log" --copy-to "$W" || true
 fi
-verdict  # the first stage's answer lands in $OUT before any benchmark starts
+verdict; VERDICT_DONE=1  # the first stage's answer lands in $OUT before any benchmark starts
 
 on sync && { stage sync 25 "$PY" bench/sync_count.py --out "$W" || true; }
 
