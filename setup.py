@@ -78,6 +78,8 @@ ext_modules, cmdclass = cuda_extensions()
 setup(
     packages=find_packages("python") + find_packages(".", include=["wf_kernels", "wf_kernels.*"]),
     package_dir={"": "python", "wf_kernels": "wf_kernels"},
+    # verification.json is written by the GPU check (bench/gpu_check.sh -> bench/record_verification.py) and is
+    # absent until a device has been verified: wf_kernels.verification then reads {} (nothing verified)
     package_data={"wf_kernels": ["dispatch_table.json", "verification.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

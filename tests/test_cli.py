@@ -40,7 +40,7 @@ def test_untrain_help_lists_each_option_once_with_recipe_defaults(capsys):
 def test_help_imports_nothing_heavy():
     """The CLI's own share of `wfnet --help`: building every parser and formatting the help imports none of the
     modules that do the work (they are imported inside the commands). Its time is printed, not asserted (a loaded
-    CI machine once took over 0.5 s; the README gives the measured 0.1 s)."""
+    CI machine once took over 0.5 s)."""
     code = ("import sys, time; import wfnet; before = set(sys.modules); t = time.perf_counter(); "
             "from wfnet.cli import build_parser; p = build_parser(); p.format_help(); "
             "[a.format_help() for a in p._subparsers._group_actions[0].choices.values()]; "

@@ -1,6 +1,6 @@
 """Attention adapters: how each attention family computes its q / k / v projections, so that ``wrap`` filters them.
 
-The method filters "the projection that produces queries, keys and values" (method.md section 2). Attention
+The method filters "the projection that produces queries, keys and values" (docs/method.md section 2). Attention
 implementations compute it in different ways, and a filtered layer that the attention never calls would leave its
 gates silently ignored. So attention is handled through a small registry keyed by the attention module's class
 (peft-style per-layer-type dispatch: the first class of ``type(module).__mro__`` that is registered wins), with one

@@ -4,7 +4,7 @@
 parameters (same names, same state-dict keys, frozen with ``requires_grad=False``) and every option of the original
 layer. They add ``alpha_weight`` [num_classes, out] and, when the layer has a bias, ``alpha_bias`` [num_classes, out]:
 raw gate logits, initialised to ``init`` (3.0 -> sigmoid 0.95), kept in fp32. Row r scales output channel j by
-sigmoid(alpha_weight[r, j]) and its bias by sigmoid(alpha_bias[r, j]) (method.md section 2; **decision**: one gate per
+sigmoid(alpha_weight[r, j]) and its bias by sigmoid(alpha_bias[r, j]) (docs/method.md section 2; **decision**: one gate per
 output channel / feature, not per weight element).
 
 ``WFMultiheadAttention`` subclasses ``nn.MultiheadAttention`` and gates its in-projection (``in_proj_weight`` /

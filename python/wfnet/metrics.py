@@ -1,4 +1,4 @@
-"""Evaluation metrics of the paper's Table 1 and Table 2 (method.md section 4), usable on any classifier.
+"""Evaluation metrics of the paper's Table 1 and Table 2 (docs/method.md section 4), usable on any classifier.
 
 Design:
 
@@ -305,7 +305,7 @@ def relearn_time(model: nn.Module, train_set: Dataset, eval_loader: Iterable, ta
       made trainable, the gates stay fixed and row c is applied in every forward.
     * any other model (a baseline's unlearned model for c): all its weights are trainable; ``forget`` must be None.
 
-    Fine-tuning (**decision**, method.md section 4): plain SGD (no momentum), ``lr`` 0.01, no weight decay,
+    Fine-tuning (**decision**, docs/method.md section 4): plain SGD (no momentum), ``lr`` 0.01, no weight decay,
     cross-entropy with the true labels; each epoch draws ``samples_per_epoch`` samples (500) at random, without
     replacement within the epoch, from the FULL training set ``train_set``; batches of ``batch_size``; the model is in
     train mode with every normalisation layer kept in eval mode (as WF-Net's untraining, so that a few hundred

@@ -1,6 +1,6 @@
 """Wrapping a classifier: ``wrap`` swaps target layers for filtered ones in place, ``WFModel`` routes rows.
 
-Target selection (:func:`find_targets`, method.md section 2; the plan is a :class:`TargetPlan` that says what is
+Target selection (:func:`find_targets`, docs/method.md section 2; the plan is a :class:`TargetPlan` that says what is
 filtered, how, and what is left alone and why):
 
 * ``targets="auto"`` on a model with attention (found by :mod:`wfnet.adapters`: registered attention classes, or
@@ -30,7 +30,7 @@ early exits): ``wrap(..., allow_unused=["aux.*"])`` (names or globs of layers th
 goes further (every filtered layer must receive gate gradient); ``wfnet.untrain`` runs it before training.
 
 All original parameters are frozen; only the gates (``filter_parameters()``) train. BatchNorm layers stay in eval mode
-even in ``train()`` (**decision**, method.md section 3: untraining must not shift the running statistics the frozen
+even in ``train()`` (**decision**, docs/method.md section 3: untraining must not shift the running statistics the frozen
 weights were trained with); pass ``freeze_norm=False`` to opt out.
 """
 from __future__ import annotations

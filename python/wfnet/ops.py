@@ -1,4 +1,6 @@
-"""Functional weight-filtering ops: the single source of truth for the math.
+"""Functional weight-filtering ops: the torch statement of the math, which every backend must match (the Triton
+kernels in ``wf_kernels/`` and the CUDA extension in ``csrc/`` implement it again, fused; their tests compare them
+with the ``torch`` backend).
 
 For a batch of B samples, each with a class row r_n in [0, N_c):
 

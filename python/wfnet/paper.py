@@ -1,4 +1,4 @@
-"""The paper's reported numbers (Poppi et al. 2024, Tables 1 and 2; restated in method.md section 5) as data.
+"""The paper's reported numbers (Poppi et al. 2024, Tables 1 and 2; docs/method.md section 5) as data.
 
 Table 1 rows give Acc_r / Acc_f (in %), ZRF and RT; Table 2 rows give insertion / deletion AUCs. Lookups are by
 (dataset, backbone), with forgiving name normalisation ("CIFAR-10", "cifar10"; "vgg16", "VGG-16", "vit_tiny...").
