@@ -235,10 +235,12 @@ def test_linear_cuda(dtype, allow_tf32, shape, path):
 
 
 def test_autotune_prunes_configs_that_do_not_fit_shared_memory_or_registers(monkeypatch):
-    """Of the nine Hopper configs, three need 256-288 KB for fp32 operands (an H100 has 227 KB per block); bf16
+    """Of the eleven Hopper configs, three need 256-288 KB for fp32 operands (an H100 has 227 KB per block); bf16
     halves the tiles and keeps all. Register limits (measured by bench/aot_verify.py): full-precision fp32 keeps
     only configs with <= 32 accumulators per thread, TF32 <= 128; the NCHW implicit-GEMM conv <= 32 accumulators and
-    <= 16 input-tile elements per thread. A batch bucket keys the tuning, so batches 160 and 250 share one tuning."""
+    <= 16 input-tile elements per thread; channels_last on sm_90 <= 64 accumulators and <= 32 weight-tile elements;
+    unaligned operands (K, N, C_in or C_out not a multiple of 16) <= 32 accumulators and <= 8 input-tile elements.
+    A batch bucket keys the tuning, so batches 160 and 250 share one tuning."""
     from wf_kernels import autotune as at
 
     monkeypatch.setattr(at, "smem_limit", lambda device: 232_448)
@@ -246,13 +248,22 @@ def test_autotune_prunes_configs_that_do_not_fit_shared_memory_or_registers(monk
     fp32 = {"x_ptr": torch.empty(1, dtype=torch.float32)}
     bf16 = {"x_ptr": torch.empty(1, dtype=torch.bfloat16)}
     kept = at.prune_configs(at._HOPPER, fp32, INPUT_PRECISION="tf32")
-    assert len(kept) == 6 and all(at.smem_bytes(c, 4) <= 232_448 for c in kept)
+    assert len(kept) == 8 and all(at.smem_bytes(c, 4) <= 232_448 for c in kept)
     ieee = at.prune_configs(at._HOPPER, fp32, INPUT_PRECISION="ieee")
     assert ieee and all(at.accumulators_per_thread(c) <= 32 for c in ieee)
-    assert len(at.prune_configs(at._HOPPER, bf16, INPUT_PRECISION="ieee")) == 9
+    assert len(at.prune_configs(at._HOPPER, bf16, INPUT_PRECISION="ieee")) == 11
+    tiles = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in cs]  # noqa: E731
     nchw = at.prune_configs(at._HOPPER, bf16, INPUT_PRECISION="ieee", C_INNER=False)
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in nchw] == [(64, 64, 32)]
-    assert len(at.prune_configs(at._HOPPER, bf16, INPUT_PRECISION="ieee", C_INNER=True)) == 9
+    assert tiles(nchw) == [(64, 64, 32, 4), (64, 64, 16, 4), (64, 32, 16, 4)]
+    nhwc = at.prune_configs(at._HOPPER, bf16, INPUT_PRECISION="ieee", C_INNER=True)
+    assert tiles(nhwc) == [(128, 128, 64, 8), (128, 64, 64, 4), (64, 64, 64, 4), (64, 64, 32, 4), (64, 64, 16, 4),
+                           (64, 32, 16, 4)]
+    for odd in ({"K": 37, "N": 64}, {"C_in": 3, "C_out": 64}, {"K": 64, "N": 50}):  # unaligned operands
+        kept = at.prune_configs(at._HOPPER, dict(bf16, **odd), INPUT_PRECISION="ieee", C_INNER=True)
+        assert tiles(kept) == [(64, 64, 16, 4), (64, 32, 16, 4)], odd
+    assert len(at.prune_configs(at._HOPPER, dict(bf16, K=64, N=1152), INPUT_PRECISION="ieee")) == 11
+    misaligned = {"x_ptr": torch.empty(9, dtype=torch.bfloat16)[1:]}  # a view 2 bytes into its storage
+    assert tiles(at.prune_configs(at._HOPPER, misaligned)) == [(64, 64, 16, 4), (64, 32, 16, 4)]
     monkeypatch.setattr(at, "CAPABILITY", (8, 0))  # sm_80: channels_last convs at most 64 accumulators
     nhwc = at.prune_configs(at._AMPERE, bf16, INPUT_PRECISION="ieee", C_INNER=True)
     assert nhwc and all(at.accumulators_per_thread(c) <= 64 for c in nhwc)

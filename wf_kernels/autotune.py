@@ -68,12 +68,14 @@ def _cfg(bm, bn, bk, warps, stages, group=8):
 _HOPPER = [
     _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 4, 4),
     _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(128, 128, 32, 4, 4),
-    _cfg(64, 64, 32, 4, 4),  # small K: the NCHW implicit-GEMM conv's gather (see register_budget)
+    _cfg(64, 64, 32, 4, 4),  # small K: the NCHW implicit-GEMM conv's gather (see fits_registers)
+    _cfg(64, 64, 16, 4, 4), _cfg(64, 32, 16, 4, 4),  # 8 input-tile elements / thread: unaligned operands
 ]
 _AMPERE = [
     _cfg(128, 256, 32, 8, 3), _cfg(256, 128, 32, 8, 3), _cfg(128, 128, 32, 4, 4), _cfg(128, 64, 32, 4, 4),
     _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 4), _cfg(128, 32, 32, 4, 4), _cfg(64, 32, 32, 2, 5),
-    _cfg(64, 32, 32, 4, 4),  # 16 accumulators: full-precision fp32 convs (see register_budget)
+    _cfg(64, 32, 32, 4, 4),  # 16 accumulators: full-precision fp32 convs (see fits_registers)
+    _cfg(64, 64, 16, 4, 4), _cfg(64, 32, 16, 4, 4),  # 8 input-tile elements / thread: unaligned operands
 ]
 _INTERPRETER = [_cfg(64, 64, 32, 4, 1)]
 
@@ -102,7 +104,8 @@ def single_config(configs):
     it for every launch beside the pruned configs."""
     limit = smem_limit(0) if CAPABILITY is not None else _SMEM_FALLBACK[9]
     fitting = [c for c in configs if smem_bytes(c, 4) <= limit
-               and all(fits_registers(c, 4, "ieee", gather) for gather in (None, "NHWC", "NCHW"))]
+               and all(fits_registers(c, 4, "ieee", gather, aligned=aligned)
+                       for gather in (None, "NHWC", "NCHW") for aligned in (True, False))]
     return (fitting or [min(configs, key=lambda c: (accumulators_per_thread(c), smem_bytes(c, 4)))])[0]
 
 
@@ -136,35 +139,68 @@ def prune_configs(configs, named_args, **kwargs):
     limit = smem_limit(x.device)
     gather = None if "C_INNER" not in kwargs else ("NHWC" if kwargs["C_INNER"] else "NCHW")
     precision = kwargs.get("INPUT_PRECISION", "ieee")
+    aligned = operands_aligned(named_args)
     fits = [c for c in configs if smem_bytes(c, x.element_size()) <= limit
-            and fits_registers(c, x.element_size(), precision, gather)]
+            and fits_registers(c, x.element_size(), precision, gather, aligned=aligned)]
     return fits or [min(configs, key=lambda c: (accumulators_per_thread(c), smem_bytes(c, x.element_size())))]
 
 
+# the GEMM dimensions whose rows the kernels load / store: K and N of the linear GEMM, C_in and C_out of the conv
+_ALIGN_DIMS = ("K", "N", "C_in", "C_out")
+
+
+def operands_aligned(named_args) -> bool:
+    """Whether the launch's operand rows are 16-element aligned, as Triton's specialisation sees them: every GEMM
+    dimension in ``_ALIGN_DIMS`` a multiple of 16 (they are the row strides of x, W and the output) and every
+    tensor's data pointer 16-byte aligned. Otherwise loads are not vectorised and the pipelined tiles are held
+    element by element with their own offsets and masks (``fits_registers``' ``aligned``)."""
+    for name in _ALIGN_DIMS:
+        v = named_args.get(name)
+        if isinstance(v, int) and v % 16:
+            return False
+    return all(t.data_ptr() % 16 == 0 for name, t in named_args.items()
+               if name.endswith("_ptr") and hasattr(t, "data_ptr"))
+
+
 def fits_registers(config, elem_bytes: int, input_precision: str, conv_gather: str | None,
-                   major: int | None = None) -> bool:
+                   major: int | None = None, aligned: bool = True) -> bool:
     """Whether ``config`` compiles without register spills, by the limits measured with bench/aot_verify.py for
     sm_90 and sm_80 (bench/results/aot_*; tests/test_aot_compile.py re-checks every surviving config on every CI run).
 
     * fp32 accumulators per thread (BLOCK_M x BLOCK_N / threads): at most 128 with tensor-core operands (fp16, bf16,
       TF32; TF32 on sm_80 64), 32 for full-precision fp32, whose ``tl.dot`` runs on FMA units and keeps operand
       fragments in registers.
-    * the implicit-GEMM conv also builds its [BLOCK_M, BLOCK_K] input tile from per-element offsets and masks:
-      channels_last (``conv_gather`` "NHWC") costs 64 accumulators on sm_80 (128 spilled 4-144 B there) and 16 for
-      full-precision fp32 on sm_80; NCHW (scalar gathers) needs at most 32 accumulators and 16 input-tile elements
-      per thread on both (64x64x64 spilled 32-652 B on sm_90, 128x32x32 132-264 B on sm_80).
+    * the implicit-GEMM conv also builds its [BLOCK_M, BLOCK_K] input tile and [BLOCK_K, BLOCK_N] weight tile from
+      per-element offsets and masks: channels_last (``conv_gather`` "NHWC") needs at most 64 accumulators and 32
+      weight-tile elements per thread on sm_90 (the ResNet-18 1x1 downsample spilled at 128 accumulators and at
+      64x128x64; full-precision fp32 32 accumulators and 16 input-tile elements), on sm_80 64 accumulators (32 with
+      4-byte operands) and 16 weight-tile elements (64x128x32 spilled 20-24 B in TF32), 16 accumulators for
+      full-precision fp32; NCHW (scalar gathers) at most 32 accumulators and 16 input-tile elements per thread on
+      both (64x64x64 spilled 32-652 B on sm_90, 128x32x32 132-264 B on sm_80).
+    * unaligned operands (``aligned`` False, see ``operands_aligned``: a K / N / C_in / C_out not a multiple of 16,
+      e.g. a 3-channel stem conv, or a misaligned pointer): at most 32 accumulators and 8 input-tile elements per
+      thread, every kernel, dtype and layout (measured on both archs: every config with 16 input-tile elements
+      spilled in some dtype, 64x64x16 / 64x32x16 / 32x64x32 none).
+    Measured with bench/aot_verify.py --suite full (bench/results/aot_*_2026-12-05).
     ``major`` is the compute capability's major version (default: this process's target)."""
     major = major if major is not None else (CAPABILITY[0] if CAPABILITY else 8)
     threads = config.num_warps * 32
     acc = accumulators_per_thread(config)
     a_tile = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"] // threads
+    b_tile = config.kwargs["BLOCK_K"] * config.kwargs["BLOCK_N"] // threads
     full_fp32 = elem_bytes == 4 and input_precision == "ieee"
+    if not aligned:
+        return acc <= 32 and a_tile <= 8
     if conv_gather == "NCHW":
         return acc <= 32 and a_tile <= 16
     if conv_gather == "NHWC":
+        if major >= 9:
+            if full_fp32:
+                return acc <= 32 and a_tile <= 16 and b_tile <= 32
+            return acc <= 64 and b_tile <= 32
         if full_fp32:
-            return acc <= (32 if major >= 9 else 16)
-        return acc <= (128 if major >= 9 else 64)
+            return acc <= 16 and b_tile <= 16
+        return acc <= (32 if elem_bytes == 4 else 64) and b_tile <= 16
     if full_fp32:
         return acc <= 32
     # TF32 on sm_80: triton 3.6 (the GPU machine's) spilled 20-68 B at 128 accumulators; 3.8 did not

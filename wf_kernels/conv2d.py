@@ -28,7 +28,9 @@ from .epilogue import gate_forward, gate_store
 from .launch import device_guard
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "C_out", "K_total", "C_INNER", "INPUT_PRECISION"],
+# C_in is in the key beside K_total: whether C_in is a multiple of 16 changes which configs compile spill-free
+# (autotune.operands_aligned), and two convs with one K_total may differ there
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "C_in", "C_out", "K_total", "C_INNER", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _wf_conv2d_fwd_kernel(
