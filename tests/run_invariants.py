@@ -28,7 +28,7 @@ def check_run_folder(path) -> dict:
             os.listdir(path)
         return held
     derived = sorted(n for n in ("results.json", "results.md", "untrain_summary.json") if (path / n).exists())
-    meta = run._filters_meta()
+    meta = run.filters_meta()
     if meta:
         assert meta["original_stamp"] == held["original"]
         assert derived == ["results.json", "results.md", "untrain_summary.json"], derived

@@ -1,4 +1,4 @@
-"""Tests of wfnet.report (evaluate_run / explain_run) on a fake run: a tiny CNN trained for a second on tiny
+"""Tests of the evaluate and explain stages (wfnet.evaluate.run / wfnet.explain.run, rendered by wfnet.report) on a fake run: a tiny CNN trained for a second on tiny
 synthetic data, random gates, and two baselines (one on a subset of classes)."""
 import functools
 import json
@@ -13,8 +13,9 @@ from torch.utils.data import TensorDataset
 import wfnet
 from wfnet import metrics as M
 from wfnet import paper
-from wfnet.evaluate import evaluate_run
-from wfnet.explain import explain_run
+from wfnet import evaluate as E
+from wfnet import explain as X
+from wfnet.errors import RunError
 
 K = 3
 
@@ -109,13 +110,22 @@ class FakeRun:
         return self.build_model(100 + c) if method == "retrain" else self.original_model()
 
 
-FAST = dict(rt_max_epochs=2, rt_samples_per_epoch=16, rt_batch_size=8, insdel_steps=5, progress=False)
+FAST = dict(rt_max_epochs=2, rt_samples=16, rt_batch_size=8, insdel_steps=5)
+
+
+def evaluate_run(run, force=False, **options):
+    """The evaluate stage with FAST's options under ``options``."""
+    return E.run(run, E.EvalConfig(**{**FAST, **options}), force=force, progress=False)
+
+
+def explain_run(run, force=False, **options):
+    return X.run(run, X.ExplainConfig(**options), force=force, progress=False)
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     run = FakeRun(tmp_path_factory.mktemp("run"))
-    tables = evaluate_run(run, **FAST)
+    tables = evaluate_run(run)
     return run, tables
 
 
@@ -162,23 +172,22 @@ def test_evaluate_run_matches_the_metric_functions(evaluated):
 
 def test_evaluate_run_reuses_cache_unless_forced(tmp_path):
     run = FakeRun(tmp_path)
-    first = evaluate_run(run, metrics=("acc", "zrf", "rt"), methods=["original", "retrain"], **FAST)
+    first = evaluate_run(run, metrics=["acc", "zrf", "rt"], methods=["original", "retrain"])
     before = dict(run.calls)
-    again = evaluate_run(run, metrics=("acc", "zrf", "rt"), methods=["original", "retrain"], **FAST)
+    again = evaluate_run(run, metrics=["acc", "zrf", "rt"], methods=["original", "retrain"])
     assert run.calls == before  # nothing recomputed, no model even built
     assert again["table1"] == first["table1"]
     # a changed RT parameter recomputes RT only
-    evaluate_run(run, metrics=("acc", "zrf", "rt"), methods=["original", "retrain"],
-                 **{**FAST, "rt_samples_per_epoch": 8})
+    evaluate_run(run, metrics=["acc", "zrf", "rt"], methods=["original", "retrain"], rt_samples=8)
     assert run.calls["baseline_model"] == before["baseline_model"] + K
     mid = dict(run.calls)
-    evaluate_run(run, metrics=("acc",), methods=["retrain"], force=True, **FAST)
+    evaluate_run(run, metrics=["acc"], methods=["retrain"], force=True)
     assert run.calls["baseline_model"] == mid["baseline_model"] + K
 
 
 def test_evaluate_run_paper_numbers_side_by_side(tmp_path):
     run = FakeRun(tmp_path, dataset="MNIST", model="vgg16")
-    tables = evaluate_run(run, metrics=("acc",), methods=["original", "wfnet"], **FAST)
+    tables = evaluate_run(run, metrics=["acc"], methods=["original", "wfnet"])
     rows = {r["method"]: r for r in tables["table1"]["rows"]}
     assert rows["wfnet"]["paper"]["acc_r"] == 73.2 and rows["wfnet"]["paper"]["rt"] == "27.6 (1)"
     assert rows["original"]["paper"]["zrf"] == pytest.approx(0.480)
@@ -192,18 +201,18 @@ def test_evaluate_run_paper_numbers_side_by_side(tmp_path):
 
 def test_evaluate_run_rejects_bad_arguments(tmp_path):
     run = FakeRun(tmp_path)
-    with pytest.raises(ValueError, match="unknown metric"):
-        evaluate_run(run, metrics=("accuracy",), progress=False)
-    with pytest.raises(ValueError, match="not in this run"):
-        evaluate_run(run, methods=["finetune"], progress=False)
-    with pytest.raises(ValueError, match="out of range"):
-        evaluate_run(run, classes=[5], progress=False)
+    with pytest.raises(RunError, match="unknown metric"):
+        evaluate_run(run, metrics=["accuracy"])
+    with pytest.raises(RunError, match="not in this run"):
+        evaluate_run(run, methods=["finetune"])
+    with pytest.raises(RunError, match="out of range"):
+        evaluate_run(run, classes=[5])
 
 
 def test_explain_run_writes_figures_and_report(evaluated):
     run, _ = evaluated
     calls = dict(run.calls)
-    out = explain_run(run, insdel_steps=5, progress=False)
+    out = explain_run(run, insdel_steps=5)
     exp = run.run_dir / "explain"
     names = ["gates_heatmap.png", "filter_map_0.png", "filter_map_2.png", "insertion_deletion.png"]
     for name in names:
@@ -214,12 +223,12 @@ def test_explain_run_writes_figures_and_report(evaluated):
     assert out["report"] == exp / "report.md"
     assert run.calls["wrapped"] == calls["wrapped"] + 1  # the insertion/deletion curves came from the cache
     stamp = (exp / "gates_heatmap.png").stat().st_mtime_ns
-    explain_run(run, insdel_steps=5, progress=False)
+    explain_run(run, insdel_steps=5)
     assert (exp / "gates_heatmap.png").stat().st_mtime_ns == stamp
-    explain_run(run, layers=["2"], force=True, insdel_steps=5, progress=False)
+    explain_run(run, layers=["2"], force=True, insdel_steps=5)
     assert (exp / "gates_heatmap.png").stat().st_mtime_ns != stamp
-    with pytest.raises(ValueError, match="not filtered layers"):
-        explain_run(run, layers=["6"], progress=False)
+    with pytest.raises(RunError, match="not filtered layers"):
+        explain_run(run, layers=["6"])
 
 
 def test_paper_lookup_normalises_names():

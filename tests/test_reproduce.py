@@ -14,10 +14,18 @@ TINY = {"model": "small_cnn", "data": {"train_limit": 300, "test_limit": 150},
         "eval": {"rt_max_epochs": 2, "test_limit": 100}}
 
 
+def reproduce(out, dataset, models, profile, *, paper_recipe_for=(), device="cpu", progress=False, force=False,
+              log=print):
+    """The reproduce stage with its ReproduceConfig built from these arguments."""
+    cfg = R.ReproduceConfig(out=str(out), dataset=dataset, models=list(models), profile=profile,
+                            paper_recipe_for=list(paper_recipe_for))
+    return R.run(cfg, device=device, progress=progress, force=force, log=log)
+
+
 def test_reproduce_runs_every_stage_and_writes_the_combined_report(tmp_path, monkeypatch):
     monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": TINY})
     out = tmp_path / "rep"
-    res = R.reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=("small_cnn",),
+    res = reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=("small_cnn",),
                       progress=False, log=lambda m: None)
     assert (out / "small_cnn" / "eval" / "table1.json").exists()
     assert (out / "small_cnn" / "explain" / "report.md").exists()
@@ -39,7 +47,7 @@ def test_reproduce_runs_every_stage_and_writes_the_combined_report(tmp_path, mon
     timing = json.loads((out / "timing" / "small_cnn.json").read_text())
     assert {"train", "untrain", "baseline_random-labels", "evaluate", "explain", "untrain_paper_recipe"} <= set(timing)
     first = dict(timing)
-    R.reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=("small_cnn",),
+    reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=("small_cnn",),
                 progress=False, log=lambda m: None)
     again = json.loads((out / "timing" / "small_cnn.json").read_text())
     for stage in ("train", "untrain"):  # skipped (already done): only the check is added to the stage's time
@@ -60,7 +68,7 @@ def test_reproduce_after_an_edited_profile_refuses_then_force_replaces_and_redoe
     out = tmp_path / "rep"
     args = dict(dataset="digits", models=["small_cnn"], profile="cpu", device="cpu", paper_recipe_for=("small_cnn",),
                 progress=False, log=lambda m: None)
-    R.reproduce(out, **args)
+    reproduce(out, **args)
     run = out / "small_cnn"
     t1_before = (run / "eval" / "table1.json").stat().st_mtime_ns
     rl_before = json.loads((run / "eval" / "acc_random-labels.json").read_text())
@@ -68,9 +76,9 @@ def test_reproduce_after_an_edited_profile_refuses_then_force_replaces_and_redoe
     edited = {**TINY, "untrain": {**TINY["untrain"], "max_steps": 3}}
     monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": edited})
     with pytest.raises(RunError, match="max_steps: 2 -> 3"):
-        R.reproduce(out, **args)
+        reproduce(out, **args)
     assert json.loads((run / "untrain_summary.json").read_text())["steps"] == 2  # the old gates are untouched
-    R.reproduce(out, force=True, **args)
+    reproduce(out, force=True, **args)
     for folder in (run, out / "small_cnn-paper-recipe"):
         assert json.loads((folder / "untrain_summary.json").read_text())["steps"] == 3
     assert (run / "eval" / "table1.json").stat().st_mtime_ns > t1_before
@@ -82,7 +90,7 @@ def test_reproduce_after_an_edited_profile_refuses_then_force_replaces_and_redoe
     assert "redo" not in timing and timing["total"] == round(sum(v for k, v in timing.items() if k != "total"), 1)
     # a second forced run with the same options replaces nothing
     steps_file = (run / "filters.safetensors").stat().st_mtime_ns
-    R.reproduce(out, force=True, **args)
+    reproduce(out, force=True, **args)
     assert (run / "filters.safetensors").stat().st_mtime_ns == steps_file
 
 
@@ -96,15 +104,15 @@ def test_reproduce_force_replaces_baselines_made_with_other_options_only(tmp_pat
     out = tmp_path / "rep"
     args = dict(dataset="digits", models=["small_cnn"], profile="cpu", device="cpu", paper_recipe_for=(),
                 progress=False, log=lambda m: None)
-    R.reproduce(out, **args)
+    reproduce(out, **args)
     model = out / "small_cnn" / "baselines" / "random-labels" / "class_0.safetensors"
     gates = (out / "small_cnn" / "filters.safetensors").stat().st_mtime_ns
     edited = {**TINY, "baseline_options": {"max_steps": 3}}
     monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": edited})
     with pytest.raises(RunError, match="max_steps: 2 -> 3"):
-        R.reproduce(out, **args)
+        reproduce(out, **args)
     assert read_state_meta(model)["options"]["max_steps"] == 2
-    R.reproduce(out, force=True, **args)
+    reproduce(out, force=True, **args)
     assert read_state_meta(model)["options"]["max_steps"] == 3
     assert (out / "small_cnn" / "filters.safetensors").stat().st_mtime_ns == gates  # same untraining: kept
     rows = json.loads((out / "small_cnn" / "eval" / "table1.json").read_text())["rows"]
@@ -114,7 +122,7 @@ def test_reproduce_force_replaces_baselines_made_with_other_options_only(tmp_pat
 def test_combined_report_names_a_backbone_made_with_other_settings_than_the_profile(tmp_path, monkeypatch):
     monkeypatch.setitem(R.PROFILES, "cpu", {"small_cnn": TINY})
     out = tmp_path / "rep"
-    res = R.reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=("small_cnn",),
+    res = reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=("small_cnn",),
                       progress=False, log=lambda m: None)
     assert res["made_otherwise"] == {} and "Made with other settings" not in res["markdown"]
     edited = {**TINY, "untrain": {**TINY["untrain"], "max_steps": 3}, "baseline_options": {"max_steps": 4}}
@@ -155,7 +163,7 @@ def test_reproduce_killed_during_a_stage_counts_the_killed_process_time(tmp_path
 
     monkeypatch.setattr(module, "save_state", killed_at_first_checkpoint)
     monkeypatch.setattr(module, slow_name, slow_once)
-    run = lambda: R.reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=(),  # noqa: E731
+    run = lambda: reproduce(out, "digits", ["small_cnn"], "cpu", device="cpu", paper_recipe_for=(),  # noqa: E731
                               progress=False, log=lambda m: None)
     with pytest.raises(KeyboardInterrupt):
         run()

@@ -14,7 +14,11 @@ import wfnet
 from wfnet import Run, RunError, files
 from wfnet.checkpoint import read_state_meta
 from wfnet.cli import main
-from wfnet.config import BaselineConfig, DataConfig, EvalConfig, TrainConfig
+from wfnet import baselines, evaluate, explain, train, untrain
+from wfnet.baselines import BaselineConfig
+from wfnet.config import DataConfig
+from wfnet.evaluate import EvalConfig
+from wfnet.train import TrainConfig
 from run_invariants import check_run_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,9 +36,9 @@ def _snapshot(path: Path) -> dict:
 def untrained(tmp_path_factory):
     """A tiny run, untrained (options A), evaluated (accuracy) and explained: a folder full of derived results."""
     out = tmp_path_factory.mktemp("run") / "r"
-    run = Run.train(out, DATA, TRAIN, progress=False, log=False)
-    run.untrain(run.untrain_config(max_epochs=1, val_per_epoch=1), progress=False)
-    run.evaluate(EvalConfig(metrics=["acc"]), progress=False)
+    run = train.run(Run.create(out, DATA, log=False), TRAIN, progress=False)
+    untrain.run(run, untrain.config_for(run, max_epochs=1, val_per_epoch=1), progress=False)
+    evaluate.run(run, EvalConfig(metrics=["acc"]), progress=False)
     return out
 
 
@@ -106,19 +110,19 @@ def test_failed_untraining_with_new_options_leaves_the_folder_as_it_was(untraine
     before = _snapshot(untrained)
     held = check_run_folder(untrained)
     run = Run.open(untrained, log=False)
-    new = run.untrain_config(max_epochs=1, val_per_epoch=1, lr=0.3)
+    new = untrain.config_for(run, max_epochs=1, val_per_epoch=1, lr=0.3)
 
     def dies(*args, **kwargs):
         raise RuntimeError("killed in the middle of untraining")
 
     monkeypatch.setattr("wfnet.untrain.untrain", dies)
     with pytest.raises(RuntimeError, match="killed"):
-        run.untrain(new, force=True, progress=False)
+        untrain.run(run, new, force=True, progress=False)
     assert _snapshot(untrained) == before
     assert check_run_folder(untrained) == held
     # the folder still says what it holds: the old gates, their results, and a clear refusal naming the difference
     with pytest.raises(RunError, match=r"other options \(lr: 0.1 -> 0.3\); pass --force"):
-        Run.open(untrained).untrain(new, progress=False)
+        untrain.run(Run.open(untrained), new, progress=False)
     assert Run.open(untrained).results()["untrain"]["lr"] == 0.1
 
 
@@ -137,10 +141,10 @@ def test_untraining_with_new_options_replaces_gates_and_stale_results_together(t
     out = tmp_path / "copy"
     shutil.copytree(untrained, out)
     run = Run.open(out, log=False)
-    run.explain(progress=False)
+    explain.run(run, progress=False)
     old = check_run_folder(out)
     assert (out / "eval" / "table1.md").exists() and (out / "explain" / "report.md").exists()
-    res = run.untrain(run.untrain_config(max_epochs=1, val_per_epoch=1, lr=0.3), force=True, progress=False)
+    res = untrain.run(run, untrain.config_for(run, max_epochs=1, val_per_epoch=1, lr=0.3), force=True, progress=False)
     new = check_run_folder(out)
     assert new["wfnet"] != old["wfnet"] and new["untrain"]["lr"] == 0.3 and res["untrain"]["lr"] == 0.3
     # the tables and figures of the old gates went in the same step; the accuracy caches of the original stay valid
@@ -148,7 +152,7 @@ def test_untraining_with_new_options_replaces_gates_and_stale_results_together(t
     assert not (out / "eval" / "acc_wfnet.json").exists() and (out / "eval" / "acc_original.json").exists()
     # results deleted by hand are recomputed from the gates, without untraining again
     (out / "results.json").unlink()
-    again = Run.open(out, log=False).untrain(run.untrain_config(max_epochs=1, val_per_epoch=1, lr=0.3),
+    again = untrain.run(Run.open(out, log=False), untrain.config_for(run, max_epochs=1, val_per_epoch=1, lr=0.3),
                                              progress=False)
     assert again["filters_stamp"] == new["wfnet"] and check_run_folder(out)["wfnet"] == new["wfnet"]
 
@@ -164,7 +168,7 @@ def test_evaluation_cache_entries_follow_their_model(tmp_path, untrained):
     # an entry of another model (say, a cache restored from a backup) is not used: it is recomputed
     cache["per_class"]["3"] = {**cache["per_class"]["3"], "acc_f": 55.5, "stamp": "someone-else"}
     files.write_json(out / "eval" / "acc_wfnet.json", cache)
-    t = Run.open(out, log=False).evaluate(EvalConfig(metrics=["acc"]), progress=False)
+    t = evaluate.run(Run.open(out, log=False), EvalConfig(metrics=["acc"]), progress=False)
     row = next(r for r in t["table1"]["rows"] if r["method"] == "wfnet")
     assert row["per_class"]["3"]["acc_f"] != 55.5 and t["table1"]["stamps"]["wfnet"]["3"] == stamp
 
@@ -181,12 +185,12 @@ def test_baselines_with_new_options_replace_the_old_ones_only_once_complete(tmp_
     out = tmp_path / "copy"
     shutil.copytree(untrained, out)
     run = Run.open(out, log=False)
-    a = BaselineConfig(lr=0.01)
-    run.baselines(["negative-gradients"], [0, 1], a, progress=False)
+    a = BaselineConfig(methods=["negative-gradients"], classes=[0, 1], lr=0.01)
+    baselines.run(run, a, progress=False)
     assert check_run_folder(out)["baselines"]["negative-gradients"]["lr"] == 0.01
     b = replace(a, lr=0.02)
     with pytest.raises(RunError, match=r"made with other options \(lr: 0.01 -> 0.02\); pass --force"):
-        run.baselines(["negative-gradients"], [0, 1], b, progress=False)
+        baselines.run(run, b, progress=False)
     real = B.unlearn_baseline
 
     def dies_on_class_1(method, original, bundle, c, *args, **kwargs):
@@ -196,11 +200,11 @@ def test_baselines_with_new_options_replace_the_old_ones_only_once_complete(tmp_
 
     monkeypatch.setattr(B, "unlearn_baseline", dies_on_class_1)
     with pytest.raises(KeyboardInterrupt):
-        run.baselines(["negative-gradients"], [0, 1], b, force=True, progress=False)
+        baselines.run(run, b, force=True, progress=False)
     held = check_run_folder(out)
     assert held["baselines"]["negative-gradients"]["lr"] == 0.01 and held["pending"]["negative-gradients"]["lr"] == 0.02
     monkeypatch.setattr(B, "unlearn_baseline", real)
-    run.baselines(["negative-gradients"], [0, 1], b, force=True, progress=False)
+    baselines.run(run, b, force=True, progress=False)
     held = check_run_folder(out)
     assert held["baselines"]["negative-gradients"]["lr"] == 0.02 and held["pending"] == {}
     assert Run.open(out).baseline_classes("negative-gradients") == [0, 1]
@@ -231,15 +235,15 @@ def test_open_errors_say_what_is_wrong(tmp_path, untrained):
     with pytest.raises(RunError, match="not a wfnet run folder"):
         Run.open(tmp_path / "empty")
     with pytest.raises(RunError, match=r"already holds a different run \(model: 'small_cnn' -> 'resnet18'"):
-        Run.train(untrained, replace(DATA, model="resnet18"), TRAIN, progress=False, log=False)
-    fresh = Run.train(tmp_path / "fresh", DATA, TRAIN, progress=False, log=False)
+        train.run(Run.create(untrained, replace(DATA, model="resnet18"), log=False), TRAIN, progress=False)
+    fresh = train.run(Run.create(tmp_path / "fresh", DATA, log=False), TRAIN, progress=False)
     with pytest.raises(RunError, match="untrain first"):
         fresh.wrapped()
     # a run with no gates yet evaluates what it has: the original model
-    rows = fresh.evaluate(EvalConfig(metrics=["acc"]), progress=False)["table1"]["rows"]
+    rows = evaluate.run(fresh, EvalConfig(metrics=["acc"]), progress=False)["table1"]["rows"]
     assert [r["method"] for r in rows] == ["original"]
     with pytest.raises(RunError, match="untrain first"):
-        fresh.evaluate(EvalConfig(metrics=["acc"], methods=["wfnet"]), progress=False)
+        evaluate.run(fresh, EvalConfig(metrics=["acc"], methods=["wfnet"]), progress=False)
 
 
 def test_interrupted_training_is_resumed_or_replaced(tmp_path, monkeypatch):
@@ -262,15 +266,15 @@ def test_interrupted_training_is_resumed_or_replaced(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "save_state", killed_after_first_epoch)
     monkeypatch.setattr(T, "random_shift", slow_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        Run.train(out, DATA, replace(TRAIN, epochs=2), progress=False, log=False)
+        train.run(Run.create(out, DATA, log=False), replace(TRAIN, epochs=2), progress=False)
     monkeypatch.setattr(T, "save_state", real_save)
     assert sorted(os.listdir(out)) == ["config.json", "train_state.safetensors"]
     killed = read_state_meta(out / "train_state.safetensors")
     assert killed["seconds"] >= 2.0 and killed["history"][0]["seconds"] >= 2.0
     check_run_folder(out)
     with pytest.raises(RunError, match=r"--resume: the interrupted training .* used other options \(train.lr"):
-        Run.train(out, DATA, replace(TRAIN, epochs=2, lr=0.1), resume=True, progress=False, log=False)
-    run = Run.train(out, DATA, replace(TRAIN, epochs=2), resume=True, progress=False, log=False)
+        train.run(Run.create(out, DATA, log=False), replace(TRAIN, epochs=2, lr=0.1), resume=True, progress=False)
+    run = train.run(Run.create(out, DATA, log=False), replace(TRAIN, epochs=2), resume=True, progress=False)
     # the original's training time counts the killed process's (slow) epoch, not only the resumed process's
     assert run.original_info()["seconds"] > killed["seconds"]
     assert check_run_folder(out)["original"] == run.original_info()["stamp"]

@@ -16,7 +16,11 @@ import pytest
 
 from run_invariants import check_run_folder
 from wfnet import Run
-from wfnet.config import BaselineConfig, DataConfig, EvalConfig, TrainConfig
+from wfnet import baselines, evaluate, explain, train, untrain
+from wfnet.baselines import BaselineConfig
+from wfnet.config import DataConfig
+from wfnet.evaluate import EvalConfig
+from wfnet.train import TrainConfig
 
 SEED = int(os.environ.get("WFNET_KILL_SEED", "0"))
 KILLS = 3
@@ -77,12 +81,13 @@ def test_kill_train(tmp_path, rng):
 def base_run(tmp_path_factory):
     """Trained, untrained with options A, baselines with options A, evaluated and explained."""
     out = tmp_path_factory.mktemp("kill") / "base"
-    run = Run.train(out, DataConfig(image_size=8, train_limit=300, test_limit=100), TrainConfig(epochs=1),
-                    progress=False, log=False)
-    run.untrain(run.untrain_config(max_epochs=1, val_per_epoch=2), progress=False)
-    run.baselines(["random-labels", "negative-gradients"], [0, 1], BaselineConfig(lr=0.01), progress=False)
-    run.evaluate(EvalConfig(metrics=["acc", "zrf"]), progress=False)
-    run.explain(progress=False)
+    run = train.run(Run.create(out, DataConfig(image_size=8, train_limit=300, test_limit=100), log=False),
+                    TrainConfig(epochs=1), progress=False)
+    untrain.run(run, untrain.config_for(run, max_epochs=1, val_per_epoch=2), progress=False)
+    baselines.run(run, BaselineConfig(methods=["random-labels", "negative-gradients"], classes=[0, 1], lr=0.01),
+                  progress=False)
+    evaluate.run(run, EvalConfig(metrics=["acc", "zrf"]), progress=False)
+    explain.run(run, progress=False)
     return out
 
 

@@ -12,7 +12,9 @@ import wfnet.train as T
 from wfnet import Run, RunError
 from wfnet import untrain as U
 from wfnet.baselines import unlearn_baseline
-from wfnet.config import BaselineConfig, DataConfig, TrainConfig, with_defaults
+from wfnet.baselines import BaselineConfig
+from wfnet.config import DataConfig, with_defaults
+from wfnet.train import TrainConfig
 from wfnet.models import SmallCNN, build_model
 from test_untrain import _tiny_problem
 
@@ -155,17 +157,17 @@ def test_baseline_steps_are_capped(monkeypatch, method):
 def test_run_folders_made_before_an_option_existed_still_match(tmp_path):
     out = tmp_path / "r"
     data, train = DataConfig(image_size=8, train_limit=200, test_limit=60), TrainConfig(epochs=1, batch_size=64)
-    Run.train(out, data, train, progress=False, log=False)
+    T.run(Run.create(out, data, log=False), train, progress=False)
     cfg = json.loads((out / "config.json").read_text())
     for k in ("schedule", "warmup", "shift", "amp"):  # as an older wfnet wrote it
         del cfg["train"][k]
     for k in ("patch_size", "stem_stride"):
         del cfg[k]
     (out / "config.json").write_text(json.dumps(cfg))
-    run = Run.train(out, data, train, progress=False, log=False)  # the same run: nothing to do, no refusal
+    run = T.run(Run.create(out, data, log=False), train, progress=False)  # the same run: nothing to do, no refusal
     assert run.original_info()["test_acc"] >= 0
     with pytest.raises(RunError, match="train.shift"):
-        Run.train(out, data, TrainConfig(epochs=1, batch_size=64, shift=2), progress=False, log=False)
+        T.run(Run.create(out, data, log=False), TrainConfig(epochs=1, batch_size=64, shift=2), progress=False)
     assert with_defaults(BaselineConfig, {"lr": 0.1})["max_steps"] is None
 
 

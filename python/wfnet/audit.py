@@ -1,4 +1,4 @@
-"""The unlearning audit: what is left of a forgotten class beyond the accuracy numbers (method.md section 7).
+"""The unlearning audit: what is left of a forgotten class beyond the accuracy numbers (docs/method.md section 8).
 
 Three measurements, each applied the same way to WF-Net (run with row c), its hard export, the baselines and the
 model retrained without class c (the reference):
@@ -27,18 +27,40 @@ number.
 from __future__ import annotations
 
 import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import files
+from .config import opt, opt_list
+from .data import labels_of
+from .errors import RunError
+from .model import HARD_EXPORT_THRESHOLD, classifier_head, export  # classifier_head: re-exported here
+from .report import method_label
+from .run import Run
+from .seeds import derive_seed
 
 __all__ = ["true_class_confidence", "mia_efficacy", "probe_accuracy", "classifier_head", "penultimate_features",
-           "relearn_fewshot", "AuditSubject", "run_audit", "audit_markdown", "AUDIT_METRICS"]
+           "relearn_fewshot", "AuditSubject", "run_audit", "audit_markdown", "AUDIT_METRICS", "AuditConfig", "run"]
 
-from .config import AUDIT_METRICS  # noqa: E402  (the metric names, defined once)
-from .model import classifier_head  # noqa: E402  (its home is the model module; re-exported here)
+AUDIT_METRICS = ("mia", "probe", "relearn_fewshot")  # on request: `wfnet evaluate --metrics mia,probe,...`
+
+
+@dataclass
+class AuditConfig:
+    """The unlearning audit's protocol (``wfnet evaluate --metrics mia,probe,relearn_fewshot``)."""
+    audit_samples: int = opt(1000, "audit: samples per set (MIA members / non-members / targets, probe fit)")
+    audit_shots: list[int] | None = opt_list("audit: images of the class per k-shot relearning attack (default: "
+                                             "10,50)")
+    audit_steps: int = opt(50, "audit: SGD steps of each relearning attack")
+    hard_threshold: float = opt(HARD_EXPORT_THRESHOLD, "audit: gate threshold of the hard export it also audits")
 
 
 # ----------------------------------------------------------------------------------------------------------- MIA
@@ -195,10 +217,6 @@ def run_audit(subjects: list[AuditSubject], train_ds, val_ds, test_ds, classes: 
     pool = ``k`` class-c training images + ``k`` per retain class, ``steps`` SGD steps, head only and full network,
     scored on class c's test samples (metrics ``relearn_k{k}_head`` / ``relearn_k{k}_full``).
     """
-    from tqdm.auto import tqdm
-
-    from .data import labels_of
-
     metrics = list(metrics)
     unknown = set(metrics) - set(AUDIT_METRICS)
     if unknown:
@@ -211,7 +229,7 @@ def run_audit(subjects: list[AuditSubject], train_ds, val_ds, test_ds, classes: 
     probe_x, probe_y = _stack(val_ds, probe_idx)
     bar = tqdm(total=len(classes) * len(subjects), desc="audit", disable=not progress, dynamic_ncols=True)
     for c in classes:
-        g = torch.Generator().manual_seed(seed * 7919 + c)
+        g = torch.Generator().manual_seed(derive_seed(seed, "audit-samples", c))
         member_x, member_y = _stack(train_ds, _pick(y_train, y_train != c, max_samples, g))
         nonmember_x, nonmember_y = _stack(test_ds, _pick(y_test, y_test != c, max_samples, g))
         target_x, target_y = _stack(train_ds, _pick(y_train, y_train == c, max_samples, g))
@@ -279,3 +297,68 @@ def audit_markdown(result: dict, title: str = "Audit") -> str:
     lines += ["", f"- MIA: {p['mia']}.", f"- Probe: {p['probe']}.", f"- Relearn: {p['relearn']}.",
               f"- Up to {p['max_samples']} samples per set, seed {p['seed']}."]
     return "\n".join(lines) + "\n"
+
+
+def run(run: Run, cfg: AuditConfig, metrics, methods, classes_of: dict, *, force: bool = False,
+        progress: bool = True) -> dict:
+    """The ``audit`` stage (:mod:`wfnet.evaluate` calls it for the audit metrics): the audit of the run's models,
+    written to ``eval/audit.{md,json}``.
+
+    Subjects: the original (reference; no relearning attack), WF-Net run with row c, its hard export at
+    ``cfg.hard_threshold``, and every baseline in ``methods`` ("retrain" is the reference a forgetting method is
+    compared with). Classes: those every audited model has (``classes_of``). The JSON names the stamps of the models
+    it measured and the request (metrics, methods, classes, protocol): when both still match, the audit is read
+    back instead of recomputed (like the other evaluation caches; ``force`` recomputes it).
+    """
+    metrics = [m for m in AUDIT_METRICS if m in metrics]
+    classes = sorted(set.intersection(*[set(classes_of[m]) for m in methods if classes_of.get(m)]))
+    if not classes:
+        raise RunError("the audit needs classes that every audited model has; run the baselines on common "
+                       "classes or choose --methods")
+    baselines = [m for m in methods if m not in ("original", "wfnet")]
+    stamps = {"original": run.model_stamp("original")}
+    if "wfnet" in methods:
+        stamps["wfnet"] = run.model_stamp("wfnet")
+    for method in baselines:
+        stamps[method] = {str(c): run.model_stamp(method, c) for c in classes}
+    shots = list(cfg.audit_shots or (10, 50))
+    request = {"metrics": metrics, "methods": list(methods), "classes": classes, "stamps": stamps,
+               "options": {**asdict(cfg), "audit_shots": shots}}
+    root = Path(run.run_dir)
+    cached = _cached(root, request) if not force else None
+    if cached is not None:
+        return cached
+    orig = run.original_model()
+    subjects = [AuditSubject("original", lambda c: (orig, lambda m, t: m(t)), skip={"relearn_fewshot"})]
+    if "wfnet" in methods:
+        wf = run.wrapped()
+        subjects.append(AuditSubject("WF-Net (row c)", lambda c: (wf, lambda m, t, c=c: m(t, forget=c))))
+        subjects.append(AuditSubject(
+            f"WF-Net hard export (T={cfg.hard_threshold:g})",
+            lambda c: (export(wf, forget=c, hard=cfg.hard_threshold).eval(), lambda m, t: m(t))))
+    for method in baselines:
+        subjects.append(AuditSubject(method_label(method), lambda c, method=method: (run.baseline_model(method, c),
+                                                                                      lambda m, t: m(t))))
+    data = run.data
+    result = run_audit(subjects, data.train, data.val, data.test, classes, run.device, metrics=metrics,
+                       shots=tuple(shots), steps=cfg.audit_steps, max_samples=cfg.audit_samples, progress=progress)
+    md = audit_markdown(result, f"Audit: {run.config.get('dataset', '?')} / {run.config.get('model', '?')}")
+    payload = {**result, "stamps": stamps, "hard_threshold": cfg.hard_threshold, "request": request}
+    files.write_json(files.staging_path(root, "eval/audit.json"), files.json_safe(payload))
+    files.write_text(files.staging_path(root, "eval/audit.md"), md)
+    files.commit(root, new=["eval/audit.json", "eval/audit.md"])
+    return {**files.json_safe(payload), "markdown": md}
+
+
+def _cached(root: Path, request: dict) -> dict | None:
+    """The audit in ``root/eval`` when it answers ``request`` (same models by stamp, same protocol), else None."""
+    path, md = root / "eval" / "audit.json", root / "eval" / "audit.md"
+    if not path.exists() or not md.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if saved.get("request") != files.json_safe(request):
+        return None
+    return {**saved, "markdown": md.read_text(encoding="utf-8"), "cached": True}

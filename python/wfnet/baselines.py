@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -23,19 +24,41 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .config import BASELINE_METHODS as METHODS
-from .config import BaselineConfig, TrainConfig
+from . import files
+from .checkpoint import save_model
+from .config import opt, opt_list, with_defaults
 from .data import labels_of
+from .errors import RunError
 from .metrics import accuracy
-from .train import drop_single_last, train_classifier
+from .run import TABLES, Run, baseline_summary, differences, dir_options, new_stamp
+from .seeds import derive_seed
+from .train import TrainConfig, drop_single_last, train_classifier
 
-__all__ = ["BaselineConfig", "unlearn_baseline", "METHODS"]
+__all__ = ["BaselineConfig", "unlearn_baseline", "METHODS", "run", "made_with", "made_otherwise"]
+
+METHODS = ("retrain", "random-labels", "negative-gradients")  # the order of the tables
+
+
+@dataclass
+class BaselineConfig:
+    """The per-class baselines (``wfnet baselines``); ``retrain`` uses the run's training options instead."""
+    methods: list[str] | None = opt_list(f"comma-separated subset of {','.join(METHODS)} (default: all)", METHODS)
+    classes: list[int] | None = opt_list("comma-separated class ids (default: all)")
+    epochs: int = opt(1, "fine-tuning passes of random-labels / negative-gradients")
+    lr: float = opt(0.01, "fine-tuning learning rate (SGD, momentum 0.9)")
+    batch_size: int = opt(128, "fine-tuning mini-batch size")
+    max_steps: int | None = opt(None, "random-labels / negative-gradients: optimizer steps at most per class "
+                                      "(default: the full epochs)")
+    seed: int = opt(0, "seed of the data order and of the random labels")
+
+
+_WHICH = ("methods", "classes")  # which models to make, not how: not part of what a model was made with
 
 
 def _random_labels(original, train_ds, c, num_classes, cfg, device, progress):
     model = copy.deepcopy(original).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-    g = torch.Generator().manual_seed(cfg.seed * 1000 + c)
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "random-labels", c))
     steps = 0
     for epoch in range(cfg.epochs):
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g,
@@ -61,7 +84,7 @@ def _negative_gradients(original, train_ds, val_ds, c, cfg, device, progress):
     retain = Subset(train_ds, (labels != c).nonzero().flatten().tolist())
     val_labels = labels_of(val_ds)
     val_forget = DataLoader(Subset(val_ds, (val_labels == c).nonzero().flatten().tolist()), batch_size=512)
-    g = torch.Generator().manual_seed(cfg.seed * 1000 + c)
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "negative-gradients", c))
     half = max(1, cfg.batch_size // 2)
     steps = 0
     for epoch in range(cfg.epochs):
@@ -109,4 +132,90 @@ def unlearn_baseline(method: str, original: nn.Module, bundle, c: int, cfg: Base
     return model.eval(), time.time() - t0
 
 
+def made_with(run: Run, method: str, cfg: BaselineConfig) -> dict:
+    """The options ``method``'s models are made with: the run's training options for retrain, else ``cfg``'s
+    (without which methods and classes are asked for)."""
+    if method == "retrain":
+        return asdict(TrainConfig(**run.config["train"]))
+    return {k: v for k, v in asdict(cfg).items() if k not in _WHICH}
 
+
+def _saved(run: Run, method: str) -> dict | None:
+    """The options ``method``'s models in the run were made with, completed with options added since."""
+    saved = run.baseline_options(method)
+    if saved is None:
+        return None
+    full = with_defaults(TrainConfig if method == "retrain" else BaselineConfig, saved)
+    return {k: v for k, v in full.items() if k not in _WHICH}
+
+
+def made_otherwise(run: Run, method: str, cfg: BaselineConfig) -> bool:
+    """Whether ``method``'s models exist and were made with options other than ``cfg``'s."""
+    return _saved(run, method) not in (None, made_with(run, method, cfg))
+
+
+def run(run: Run, cfg: BaselineConfig | None = None, *, force: bool = False, progress: bool = True) -> dict:
+    """The ``baselines`` stage: each of ``cfg.methods`` (default all) for each of ``cfg.classes`` (default all),
+    one model per class; returns ``{method: summary}``.
+
+    Models that exist with the same options are kept (``force``: recomputed). Models made with other options
+    are replaced only with ``force``: the new ones go to ``baselines/.pending-<method>/`` (a rerun continues
+    there) and replace the old folder in one step once every requested class is done."""
+    cfg = cfg or BaselineConfig()
+    methods = list(cfg.methods or METHODS)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise RunError(f"unknown baseline(s) {bad}: use {', '.join(METHODS)}")
+    classes = list(range(run.num_classes)) if cfg.classes is None else [int(c) for c in cfg.classes]
+    out_of_range = [c for c in classes if not 0 <= c < run.num_classes]
+    if out_of_range:
+        raise RunError(f"class(es) {out_of_range} out of range: num_classes={run.num_classes}")
+    tcfg = TrainConfig(**run.config["train"])
+    root = run.run_dir
+    for method in methods:  # check every method before running any
+        old, new = _saved(run, method), made_with(run, method, cfg)
+        if old is not None and old != new and not force:
+            raise RunError(f"{run.baseline_dir(method)} holds {method} models made with other options "
+                           f"({differences(old, new)}); pass --force to replace them (the old ones stay "
+                           f"until the new ones are made)")
+    original = run.original_model()
+    stamp_original = run.original_info()["stamp"]
+    summaries = {}
+    for method in methods:
+        new_opts = made_with(run, method, cfg)
+        old = _saved(run, method)
+        final = run.baseline_dir(method)
+        pending = final.parent / f".pending-{method}"
+        swap = old is not None and old != new_opts
+        pending_opts = dir_options(pending) if pending.exists() else None
+        if pending.exists() and (not swap or pending_opts is not None and
+                                 {k: v for k, v in pending_opts.items() if k not in _WHICH} != new_opts):
+            run.discard(pending)  # an interrupted replacement with yet other options
+        target = pending if swap else final
+        for c in classes:
+            path = target / f"class_{c}.safetensors"
+            if path.exists() and not (force and not swap):
+                continue
+            model, seconds = unlearn_baseline(method, original, run.data, c, cfg, run.device,
+                                              build_fresh=lambda: run.build_model(seed=tcfg.seed),
+                                              train_cfg=tcfg, progress=progress)
+            meta = {"stamp": new_stamp(), "original_stamp": stamp_original, "method": method, "class": c,
+                    "seconds": seconds, "options": new_opts}
+            if swap:  # not visible as a result until the whole folder is swapped in
+                save_model(model, path, meta)
+                files.write_json(target / "summary.json", baseline_summary(method, target))
+            else:
+                rel = str(path.relative_to(root))
+                save_model(model, run.stage_path(rel), meta)
+                files.write_json(run.stage_path(f"{rel}.summary"), baseline_summary(method, final, {c: meta}))
+                run.commit(new={rel: str(run.stage_path(rel).relative_to(root)),
+                                str((final / "summary.json").relative_to(root)):
+                                    str(run.stage_path(f"{rel}.summary").relative_to(root))},
+                           stale=TABLES)
+            run.say(f"{method}: class {c} done in {seconds:.1f} s")
+        if swap:
+            run.replace_baselines(method, pending)
+        summaries[method] = baseline_summary(method, final)
+        run.say(f"{method}: {len(summaries[method]['seconds'])} classes, "
+                f"{summaries[method]['total_seconds']:.0f} s in total")
+    return summaries

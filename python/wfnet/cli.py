@@ -1,23 +1,27 @@
-"""The ``wfnet`` command: a thin layer over :class:`wfnet.Run`. It parses the options (generated from the
-configuration dataclasses of :mod:`wfnet.config`), calls one method of the run, and prints what it returns.
+"""The ``wfnet`` command: a thin layer over the stages. It parses the options (generated from each stage's
+configuration dataclass), calls the stage's ``run(run, cfg)``, and prints what it returns.
 
 Adding a subcommand: write ``configure(parser)`` and ``run(args)`` functions and add one line to ``COMMANDS``.
-Heavy modules (torch and everything that imports it) are imported inside the ``run`` functions, so ``--help``
-answers at once.
+Only the chosen command's parser is built (:func:`build_parser`), so ``wfnet --help`` imports no stage and no torch;
+``wfnet COMMAND --help`` imports that command's stage module (its options are its configuration dataclass's fields).
+The stage modules are imported through :func:`_stage`, the one place this module imports them.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+import time
 import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
-from .config import (BASELINE_METHODS, BaselineConfig, DataConfig, EvalConfig, ExplainConfig, TrainConfig,
-                     UntrainConfig, recipe)
+from ._version import __version__
+from .errors import RunError
+from .files import CorruptFileError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -109,8 +113,7 @@ def _common(p, device: bool = True) -> None:
                    help="YAML or JSON file of option values, keys as the option names (flags override it; default: "
                         "none)")
     if device:
-        from .backends import BACKEND_NAMES  # a light module: names only
-
+        BACKEND_NAMES = _stage("backends").BACKEND_NAMES
         g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if "
                                                          "available)")
         g.add_argument("--backend", default=None, choices=BACKEND_NAMES, metavar="{" + ",".join(BACKEND_NAMES) + "}",
@@ -126,9 +129,10 @@ def _run_arg(p) -> None:
 
 
 def _untrain_default(name: str) -> str:
+    U = _stage("untrain")
     if name in ("recipe", "targets"):
-        return f"default: {_show(getattr(UntrainConfig(), name))}"
-    tuned, paper_cnn, paper_vit = (getattr(recipe(r, k), name) for r, k in
+        return f"default: {_show(getattr(U.UntrainConfig(), name))}"
+    tuned, paper_cnn, paper_vit = (getattr(U.recipe(r, k), name) for r, k in
                                    (("tuned", "cnn"), ("paper", "cnn"), ("paper", "vit")))
     if tuned == paper_cnn == paper_vit:
         return f"default: {_show(tuned)}"
@@ -136,80 +140,82 @@ def _untrain_default(name: str) -> str:
     return f"default: tuned {_show(tuned)}, paper {paper}"
 
 
+def _stage(name: str):
+    """The module ``wfnet.<name>`` (a stage and what it needs), imported when a command needs it: the only
+    imports of this module that are not at its top, so that ``wfnet --help`` stays light."""
+    return importlib.import_module(f".{name}", __package__)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # commands: configure(parser) and run(args)
 
 
 def _setup(args):
-    from .run import setup
-
-    return setup(getattr(args, "device", "auto"), getattr(args, "backend", None))
+    return _stage("run").setup(getattr(args, "device", "auto"), getattr(args, "backend", None))
 
 
 def _open(args, info, device):
-    from .run import Run
-
-    return Run.open(args.run, device=device, data_root=getattr(args, "data_root", None), info=info)
+    return _stage("run").Run.open(args.run, device=device, data_root=getattr(args, "data_root", None), info=info)
 
 
 def configure_train(p):
-    add_options(p, DataConfig, title="model and data")
-    add_options(p, TrainConfig, title="training")
+    add_options(p, _stage("config").DataConfig, title="model and data")
+    add_options(p, _stage("train").TrainConfig, title="training")
     p.add_argument("--out", required=True, help="run folder to create (or to resume) (required)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted training in --out (default: off)")
 
 
 def run_train(args):
-    from .run import Run
-
+    T, C = _stage("train"), _stage("config")
     info, device = _setup(args)
-    Run.train(args.out, DataConfig(**values_of(args, DataConfig)), TrainConfig(**values_of(args, TrainConfig)),
-              device=device, resume=args.resume, info=info, progress=not args.no_progress)
+    run = _stage("run").Run.create(args.out, C.DataConfig(**values_of(args, C.DataConfig)), device=device, info=info)
+    T.run(run, T.TrainConfig(**values_of(args, T.TrainConfig)), resume=args.resume, progress=not args.no_progress)
 
 
 def configure_untrain(p):
     _run_arg(p)
-    defaults = {f.name: None for f in fields(UntrainConfig) if f.name not in ("recipe", "targets")}
-    add_options(p, UntrainConfig, defaults, _untrain_default, title="untraining")
+    U = _stage("untrain")
+    defaults = {f.name: None for f in fields(U.UntrainConfig) if f.name not in ("recipe", "targets")}
+    add_options(p, U.UntrainConfig, defaults, _untrain_default, title="untraining")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted untraining with the same options (default: off)")
-    p.add_argument("--force", action="store_true", help="replace gates untrained with other options (they stay "
-                                                        "until the new ones are trained; default: off)")
+    p.add_argument("--force", action="store_true", help="replace gates untrained with other options, or a damaged "
+                                                        "filters file, or discard an interrupted untraining (the old "
+                                                        "gates stay until the new ones are trained; default: off)")
 
 
 def run_untrain(args):
+    U = _stage("untrain")
     info, device = _setup(args)
     run = _open(args, info, device)
-    opts = values_of(args, UntrainConfig)
+    opts = values_of(args, U.UntrainConfig)
     targets = opts["targets"]  # "auto", or module names / glob patterns, comma-separated (a list in a config file)
     if isinstance(targets, str) and targets != "auto":
         opts["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
-    res = run.untrain(run.untrain_config(**opts), force=args.force, resume=args.resume,
-                      progress=not args.no_progress)
+    res = U.run(run, U.config_for(run, **opts), force=args.force, resume=args.resume, progress=not args.no_progress)
     if res is not None:
         print(res["markdown"])
 
 
 def configure_baselines(p):
     _run_arg(p)
-    p.add_argument("--methods", type=_csv(str, BASELINE_METHODS), default=list(BASELINE_METHODS),
-                   help=f"comma-separated subset of {','.join(BASELINE_METHODS)} (default: all)")
-    p.add_argument("--classes", type=_csv(int), default=None, help="comma-separated class ids (default: all)")
-    add_options(p, BaselineConfig, title="fine-tuning baselines")
+    add_options(p, _stage("baselines").BaselineConfig, title="fine-tuning baselines")
     p.add_argument("--force", action="store_true", help="recompute models that exist, or replace models made "
                                                         "with other options (kept until the new ones are made; "
                                                         "default: off)")
 
 
 def run_baselines(args):
+    B = _stage("baselines")
     info, device = _setup(args)
-    _open(args, info, device).baselines(args.methods, args.classes, BaselineConfig(**values_of(args, BaselineConfig)),
-                                        force=args.force, progress=not args.no_progress)
+    B.run(_open(args, info, device), B.BaselineConfig(**values_of(args, B.BaselineConfig)), force=args.force,
+          progress=not args.no_progress)
 
 
 def configure_evaluate(p):
     _run_arg(p)
-    add_options(p, EvalConfig, title="evaluation")
+    add_options(p, _stage("evaluate").EvalConfig, title="evaluation")
+    add_options(p, _stage("audit").AuditConfig, title="the unlearning audit (--metrics mia,probe,relearn_fewshot)")
     p.add_argument("--force", action="store_true", help="recompute cached results (default: off)")
     g = p.add_argument_group("forget sets (a request with sets evaluates the sets only: eval/sets.{md,json})")
     g.add_argument("--sets", nargs="+", type=_class_set, default=None, metavar="C,C[,...]",
@@ -224,10 +230,8 @@ def configure_evaluate(p):
 
 
 def _class_set(text: str) -> list[int]:
-    from .sets import parse_sets
-
     try:
-        return parse_sets(text)
+        return _stage("sets").parse_sets(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -238,14 +242,14 @@ def run_evaluate(args):
     if args.sets or args.set_size is not None or args.num_sets is not None:
         _evaluate_sets(args, run)
         return
-    out = run.evaluate(EvalConfig(**values_of(args, EvalConfig)), force=args.force, progress=not args.no_progress)
-    print(out["markdown"])
+    E, A = _stage("evaluate"), _stage("audit")
+    cfg = E.EvalConfig(**values_of(args, E.EvalConfig), audit=A.AuditConfig(**values_of(args, A.AuditConfig)))
+    print(E.run(run, cfg, force=args.force, progress=not args.no_progress)["markdown"])
 
 
 def _evaluate_sets(args, run):
     """``wfnet evaluate RUN --sets ... / --set-size K --num-sets M``: the per-set table (wfnet.set_eval)."""
-    from . import set_eval
-
+    set_eval = _stage("set_eval")
     if (args.set_size is None) != (args.num_sets is None):
         raise CLIError("--set-size K and --num-sets M go together")
     if args.set_retrain < 0:
@@ -264,48 +268,44 @@ def _evaluate_sets(args, run):
 
 def configure_explain(p):
     _run_arg(p)
-    add_options(p, ExplainConfig, title="explanation")
+    add_options(p, _stage("explain").ExplainConfig, title="explanation")
     p.add_argument("--force", action="store_true", help="redraw figures that exist (default: off)")
 
 
 def run_explain(args):
+    X = _stage("explain")
     info, device = _setup(args)
-    out = _open(args, info, device).explain(ExplainConfig(**values_of(args, ExplainConfig)), force=args.force,
-                                            progress=not args.no_progress)
+    out = X.run(_open(args, info, device), X.ExplainConfig(**values_of(args, X.ExplainConfig)), force=args.force,
+                progress=not args.no_progress)
     print(f"explanations written to {Path(out['report']).parent} (open report.md)")
 
 
 def configure_demo(p):
     p.add_argument("--out", default=None, help="run folder (default: runs/demo, or runs/demo-quick with --quick)")
-    p.add_argument("--quick", action="store_true", help="a smaller, faster run: fewer epochs, no baselines, RT "
-                                                        "cap 20 (default: off)")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run: fewer epochs, no baselines, no "
+                                                        "audit, RT cap 20 (default: off)")
     p.add_argument("--model", default="small_cnn", help="the backbone (default: small_cnn)")
     p.add_argument("--image-size", type=int, default=None, help="upscale the 8x8 digits to this side (default: 28)")
 
 
 def run_demo(args):
-    """Train the small CNN on the embedded digits, untrain every class in one round, run the two fine-tuning
-    baselines for every class (not with --quick), evaluate everything (with the unlearning audit, not with --quick)
-    and draw the explanations."""
-    import time
-
-    from .run import Run
-
+    """The ``demo`` (or ``demo-quick``) profile of :mod:`wfnet.reproduce` in one run folder: train the small CNN on
+    the embedded digits, untrain every class in one round, run the two fine-tuning baselines for every class (not
+    with --quick), evaluate everything (with the unlearning audit, not with --quick) and draw the explanations."""
+    R = _stage("reproduce")
     info, device = _setup(args)
-    quick, progress = args.quick, not args.no_progress
-    out = args.out or ("runs/demo-quick" if quick else "runs/demo")
+    profile = "demo-quick" if args.quick else "demo"
+    out = args.out or f"runs/{profile}"
+    entry = dict(R.PROFILES[profile]["small_cnn"])
+    entry["model"] = args.model
+    if args.image_size is not None:
+        entry["data"] = {**entry["data"], "image_size": args.image_size}
     t0 = time.time()
-    run = Run.train(out, DataConfig(model=args.model, image_size=args.image_size),
-                    TrainConfig(epochs=8 if quick else 15, batch_size=64), device=device, info=info,
-                    progress=progress)
-    print(run.untrain(run.untrain_config(max_epochs=8 if quick else 20), progress=progress)["markdown"])
-    if not quick:
-        run.baselines(["random-labels", "negative-gradients"], progress=progress)
-    print(run.evaluate(EvalConfig(rt_max_epochs=20 if quick else 100), progress=progress)["markdown"])
-    if not quick:  # the unlearning audit beside Table 1 (a smaller protocol than the default: one k, 30 steps)
-        print(run.evaluate(EvalConfig(metrics=["mia", "probe", "relearn_fewshot"], audit_samples=500,
-                                      audit_shots=[10], audit_steps=30), progress=progress)["audit"]["markdown"])
-    run.explain(progress=progress)
+    res = R.run_backbone(out, entry, "digits", device=device, progress=not args.no_progress)
+    print(res["untrain"]["markdown"])
+    print(res["evaluate"]["markdown"])
+    if "audit" in res:
+        print(res["audit"]["markdown"])
     print(f"demo finished in {time.time() - t0:.0f} s; everything is in {out}/ (config.json, original.safetensors, "
           f"filters.safetensors, results.md, eval/, explain/report.md)")
 
@@ -330,11 +330,9 @@ def configure_inspect(p):
 
 def run_inspect(args):
     """What `wrap` would filter in a model (layers, kinds, gate parameters), what it leaves alone and why."""
-    from .data import _NATIVE
-    from .model import UnsupportedModelError, find_targets
-    from .models import build_model
-    from .run import model_spec
-
+    _NATIVE = _stage("data")._NATIVE
+    M, build_model, model_spec = _stage("model"), _stage("models").build_model, _stage("run").model_spec
+    UnsupportedModelError, find_targets = M.UnsupportedModelError, M.find_targets
     if args.dataset not in _NATIVE:
         raise CLIError(f"unknown dataset {args.dataset!r}: choose one of {', '.join(_NATIVE)}")
     in_chans = _NATIVE[args.dataset][0]
@@ -356,9 +354,7 @@ def run_inspect(args):
           f"{num_classes} classes)\n")
     print(plan.summary(num_classes))
     if args.backends:
-        from .backends import backend_status
-        from .distributed import resolve_device
-
+        backend_status, resolve_device = _stage("backends").backend_status, _stage("distributed").resolve_device
         device = resolve_device(args.device, None) if args.device != "auto" else "cpu"
         print(f"\nbackends on {device}:")
         for name, st in backend_status(device).items():
@@ -368,36 +364,32 @@ def run_inspect(args):
 
 def configure_export(p):
     _run_arg(p)
-    p.add_argument("--forget", type=_class_set, required=True, metavar="C[,C...]",
-                   help="the class the exported model forgets, or a set of classes forgotten together, e.g. 3,7 "
-                        "(their gates composed as in wfnet.sets; required)")
-    p.add_argument("--hard", type=float, nargs="?", const=-1.0, default=None, metavar="T",
+    p.add_argument("--forget", required=True, metavar="C[,C...]",
+                   help="the class the exported model forgets (its id, or its name where the dataset has names, e.g. "
+                        "an ImageFolder class folder), or a set of classes forgotten together, e.g. 3,7 (their gates "
+                        "composed as in wfnet.sets; required)")
+    threshold = _stage("model").HARD_EXPORT_THRESHOLD
+    p.add_argument("--hard", type=float, nargs="?", const=True, default=None, metavar="T",
                    help="hard export: zero the weights and bias of every channel whose gate for the class is below T "
-                        "(--hard alone: the default threshold 0.5; default: off, a soft export scales them)")
+                        f"(--hard alone: wfnet.model.HARD_EXPORT_THRESHOLD = {threshold:g}; default: off, a soft "
+                        "export scales them)")
     p.add_argument("--out", required=True, help="the .safetensors file to write (required)")
 
 
 def run_export(args):
     """A plain model (no wfnet layers) that forgot one class, as a safetensors state dict with its description."""
-    import json
+    from safetensors.torch import save_file  # third-party, heavy: imported by the command that writes the file
 
-    from safetensors.torch import save_file
-
-    from . import files
-    from .model import HARD_EXPORT_THRESHOLD, export
-
+    files, export = _stage("files"), _stage("model").export
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise CLIError(f"--out must end in .safetensors, got {out}")
     info, device = _setup(args)
     run = _open(args, info, device)
-    bad = [c for c in args.forget if not 0 <= c < run.num_classes]
-    if bad:
-        raise CLIError(f"--forget {bad[0]} is out of range: the run has classes 0..{run.num_classes - 1}")
-    forget = args.forget[0] if len(args.forget) == 1 else args.forget  # one class: the single row, as before
-    hard = HARD_EXPORT_THRESHOLD if args.hard == -1.0 else args.hard
+    classes = class_ids(args.forget, run.class_names, "--forget")
+    forget = classes[0] if len(classes) == 1 else classes  # one class: the single row, as before
     try:
-        model = export(run.wrapped(), forget=forget, hard=hard)
+        model = export(run.wrapped(), forget=forget, hard=args.hard)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     report = model.wfnet_export
@@ -415,6 +407,31 @@ def run_export(args):
             print(f"  {name}: {removed}/{total}")
 
 
+def class_ids(text: str, class_names, option: str) -> list[int]:
+    """``"3,7"`` or ``"cat,dog"`` (class names, where the dataset has them: an ImageFolder's class folders) as class
+    ids of a run with ``class_names``; each class once, every id in range."""
+    names = [str(n) for n in class_names]
+    ids = []
+    for token in (t.strip() for t in str(text).split(",")):
+        if not token:
+            continue
+        if token in names:  # a name first: digits' names are "0".."9", the same as their ids
+            ids.append(names.index(token))
+        elif token.lstrip("-").isdigit():
+            c = int(token)
+            if not 0 <= c < len(names):
+                raise CLIError(f"{option} {c} is out of range: the run has classes 0..{len(names) - 1}")
+            ids.append(c)
+        else:
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise CLIError(f"{option}: {token!r} is neither a class id nor a class name of this run ({shown})")
+    if not ids:
+        raise CLIError(f"{option}: no class given")
+    if len(set(ids)) != len(ids):
+        raise CLIError(f"{option} {text!r} names a class twice")
+    return ids
+
+
 def configure_serve_export(p):
     _run_arg(p)
     p.add_argument("--out", required=True, help="the .onnx file to write (required)")
@@ -427,10 +444,9 @@ def configure_serve_export(p):
 
 def run_serve_export(args):
     """The wrapped model with its gates as an ONNX file taking (x, forget), for ONNX Runtime (wfnet.serve)."""
-    import torch
+    import torch  # the command's own needs, after --help
 
-    from .serve import export_onnx
-
+    export_onnx = _stage("serve").export_onnx
     out = Path(args.out)
     if out.suffix != ".onnx":
         raise CLIError(f"--out must end in .onnx, got {out}")
@@ -451,30 +467,20 @@ def run_serve_export(args):
 
 
 def configure_reproduce(p):
-    from .reproduce import BACKBONES, PROFILES
-
-    p.add_argument("--out", default="runs/reproduce", help="folder for one run folder per backbone and the combined "
-                                                           "report (default: runs/reproduce)")
-    p.add_argument("--dataset", default="mnist", help="mnist, cifar10, imagenet, ... (default: mnist)")
-    p.add_argument("--data-root", default=None, help="folder holding the dataset (default: $WFNET_DATA_ROOT)")
-    p.add_argument("--models", type=_csv(str, BACKBONES), default=list(BACKBONES),
-                   help=f"comma-separated subset of {','.join(BACKBONES)} (default: all)")
-    p.add_argument("--profile", default="cpu", choices=tuple(PROFILES),
-                   help="cpu: what 2 CPU cores allow (subsets, few epochs, baselines for a few classes; written "
-                        "into the report); paper: the paper's settings (default: cpu)")
+    add_options(p, _stage("reproduce").ReproduceConfig, title="reproduction")
     p.add_argument("--force", action="store_true",
                    help="replace gates / baseline models made with other options (after editing a profile) and "
-                        "redo evaluate and explain; without it such a folder is refused, naming the differences")
+                        "redo evaluate and explain; without it such a folder is refused, naming the differences "
+                        "(default: off)")
 
 
 def run_reproduce(args):
     """train -> untrain -> baselines -> evaluate -> explain per backbone; finished stages are skipped."""
-    from .reproduce import reproduce
-
+    R = _stage("reproduce")
     info, device = _setup(args)
     try:
-        reproduce(args.out, args.dataset, args.models, args.profile, device=device, data_root=args.data_root,
-                  progress=not args.no_progress, force=args.force)
+        R.run(R.ReproduceConfig(**values_of(args, R.ReproduceConfig)), device=device, progress=not args.no_progress,
+              force=args.force)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
 
@@ -514,18 +520,24 @@ COMMANDS = {
 # parsing and main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ._version import __version__
-
+def build_parser(*commands: str) -> argparse.ArgumentParser:
+    """The ``wfnet`` parser with the options of ``commands`` (each configuring imports its stage module); the other
+    commands are listed with their one-line help only, which is all ``wfnet --help`` needs."""
     parser = argparse.ArgumentParser(prog="wfnet", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"wfnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help[0].upper() + cmd.help[1:] + ".")
-        cmd.configure(p)
-        _common(p, cmd.device)
+        if name in commands:
+            cmd.configure(p)
+            _common(p, cmd.device)
     return parser
+
+
+def command_of(argv) -> str:
+    """The command named in ``argv`` ("" when none is: ``wfnet --help``, ``wfnet --version``)."""
+    return next((a for a in argv if not a.startswith("-")), "") if argv else ""
 
 
 def _load_config_file(path: str) -> dict:
@@ -548,7 +560,8 @@ def _load_config_file(path: str) -> dict:
 
 
 def parse_args(argv=None, parser=None) -> argparse.Namespace:
-    parser = parser or build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = parser or build_parser(command_of(argv))
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         values = _load_config_file(args.config)
@@ -573,9 +586,6 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from .files import CorruptFileError  # torch-free, like .run's RunError: `wfnet --help` stays light
-    from .run import RunError
-
     try:
         try:
             args = parse_args(argv)

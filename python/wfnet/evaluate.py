@@ -1,9 +1,10 @@
 """Run-level evaluation: what ``wfnet evaluate`` (:meth:`wfnet.Run.evaluate`) computes and writes.
 
-:func:`evaluate_run` computes every metric of :mod:`wfnet.metrics` for the original model, WF-Net and each baseline
+:func:`run` (the ``evaluate`` stage, options :class:`EvalConfig`) computes every metric of :mod:`wfnet.metrics` for the original model, WF-Net and each baseline
 present in the run (insertion / deletion for WF-Net only; RT not for the original) and writes Table 1 (Acc_r, Acc_f,
 ZRF, RT) and Table 2 (insertion, deletion) as markdown and JSON under ``run_dir/eval/`` (rendered by
-:mod:`wfnet.report`), in one commit.
+:mod:`wfnet.report`), in one commit. The audit metrics (``mia``, ``probe``, ``relearn_fewshot``) go to
+:func:`wfnet.audit.run` (``eval/audit.{md,json}``).
 
 Caching: each (metric, method) pair has its own file ``run_dir/eval/<metric>_<method>.json`` holding the
 parameters it was computed with and one entry per class, written (atomically) after every class. Each entry names
@@ -18,24 +19,61 @@ interrupted evaluation resumes where it stopped; ``force=True`` recomputes every
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
+from . import audit
 from . import files
 from . import metrics as M
 from . import paper
-from .config import AUDIT_METRICS, EvalConfig, METRICS
+from .baselines import METHODS as BASELINE_METHODS
+from .config import opt, opt_list
+from .audit import AUDIT_METRICS, AuditConfig
+from .errors import RunError
 from .report import mean as _mean
 from .report import method_label as _label
 from .report import table1_md, table2_md
+from .run import FILTERS, Run
 
-__all__ = ["evaluate_run", "METRICS", "DEFAULT_ZRF_SEED"]
+__all__ = ["EvalConfig", "run", "METRICS", "Evaluator"]
 
+METRICS = ("acc", "zrf", "rt", "insdel")
 _TEST_SUBSET_SEED = 2024  # the fixed subset of --test-limit (any fixed value)
-DEFAULT_ZRF_SEED = EvalConfig.zrf_seed  # **decision**: any fixed value, distinct from the usual training seeds
+
+
+@dataclass
+class EvalConfig:
+    """Table 1 (Acc_r, Acc_f, ZRF, RT) and Table 2 (insertion, deletion): ``wfnet evaluate``."""
+    metrics: list[str] | None = opt_list(f"comma-separated subset of {','.join(METRICS + AUDIT_METRICS)} (default: "
+                                         f"{','.join(METRICS)}; the audit metrics {','.join(AUDIT_METRICS)} on request, "
+                                         f"written to eval/audit.md)", METRICS + AUDIT_METRICS)
+    methods: list[str] | None = opt_list("comma-separated subset of original, wfnet and the baselines present "
+                                    "(default: all)")
+    classes: list[int] | None = opt_list("comma-separated class ids (default: all)")
+    test_limit: int | None = opt(None, "evaluate on a fixed random subset of this many test images (default: the "
+                                       "whole test set; the tables say which)")
+    rt_max_epochs: int = opt(100, "relearn-time cap in epochs ('never' beyond)")
+    rt_samples: int = opt(500, "random training samples per relearn epoch")
+    rt_lr: float = opt(0.01, "relearn SGD learning rate")
+    rt_batch_size: int = opt(64, "relearn mini-batch size")
+    rt_seed: int = opt(0, "seed of the relearn samples")
+    insdel_steps: int = opt(21, "points on the insertion / deletion curves")
+    zrf_seed: int = opt(12345, "seed of the random network ZRF compares against (**decision**: any fixed value, "
+                               "distinct from the usual training seeds)")
+    batch_size: int = opt(256, "evaluation batch size")
+    num_workers: int = opt(0, "DataLoader worker processes", flag=False)
+    audit: AuditConfig = field(default_factory=AuditConfig,
+                               metadata={"help": "the unlearning audit's options (wfnet.audit)", "flag": False})
+
+    def rt_params(self) -> dict:
+        """The relearn-time protocol, as its cache records it."""
+        return {"max_epochs": int(self.rt_max_epochs), "samples_per_epoch": int(self.rt_samples),
+                "lr": float(self.rt_lr), "batch_size": int(self.rt_batch_size), "seed": int(self.rt_seed)}
+
 
 class _Cache:
     """Per-class results of one (metric, method), persisted after every class; an entry counts only while the
@@ -71,19 +109,15 @@ class _Cache:
 # The evaluator
 
 
+class Evaluator:
+    """The metrics of one run under one :class:`EvalConfig`, each read from or written to its cache."""
 
-# ----------------------------------------------------------------------------------------------------------------
-# The evaluator
-
-
-class _Evaluator:
-    def __init__(self, run, *, force, batch_size, num_workers, progress, zrf_seed, rt, insdel_steps,
-                 test_limit=None):
-        self.run, self.force, self.progress = run, force, progress
-        self.test_limit = test_limit
+    def __init__(self, run: Run, cfg: EvalConfig, *, force: bool = False, progress: bool = True):
+        self.run, self.cfg, self.force, self.progress = run, cfg, force, progress
+        self.test_limit = cfg.test_limit
         self._test = None
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.zrf_seed, self.rt_params, self.insdel_steps = zrf_seed, rt, insdel_steps
+        self.batch_size, self.num_workers = cfg.batch_size, cfg.num_workers
+        self.zrf_seed, self.rt_params, self.insdel_steps = cfg.zrf_seed, cfg.rt_params(), cfg.insdel_steps
         self.eval_dir = Path(run.run_dir) / "eval"
         self.device = torch.device(run.device)
         self._test_labels = None
@@ -113,7 +147,7 @@ class _Evaluator:
     def class_indices(self, c: int) -> list[int]:
         idx = torch.nonzero(self.test_labels() == c).flatten().tolist()
         if not idx:
-            raise ValueError(f"the test set has no sample of class {c}")
+            raise RunError(f"the test set has no sample of class {c}")
         return idx
 
     def class_loader(self, c: int):
@@ -147,7 +181,6 @@ class _Evaluator:
         return self._random_logits
 
     def _bar(self, items, desc):
-        from tqdm import tqdm
         return tqdm(items, desc=desc, disable=not self.progress or not items)
 
     def cache(self, metric: str, method: str, params: dict, force: bool | None = None) -> _Cache:
@@ -216,12 +249,7 @@ class _Evaluator:
 # Tables
 
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tables
-
-
-def _table1(ev: _Evaluator, methods, classes_of, dataset, backbone, max_epochs) -> dict:
+def _table1(ev: Evaluator, methods, classes_of, dataset, backbone, max_epochs) -> dict:
     paper_rows = paper.table1_rows(dataset, backbone) or {}
     rows = []
     for method in methods:
@@ -253,7 +281,7 @@ def _table1(ev: _Evaluator, methods, classes_of, dataset, backbone, max_epochs) 
 
 
 
-def _table2(ev: _Evaluator, methods, classes, dataset, backbone) -> dict:
+def _table2(ev: Evaluator, methods, classes, dataset, backbone) -> dict:
     steps = M.gate_steps(ev.insdel_steps).tolist()
     res = ev.cache("insdel", "wfnet", {"metric": "insdel", "steps": steps}, force=False).get(classes) if "wfnet" in methods \
         else {}
@@ -270,55 +298,57 @@ def _table2(ev: _Evaluator, methods, classes, dataset, backbone) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Entry point
+# The stage
 
 
-def evaluate_run(run, *, metrics: Sequence[str] = METRICS, force: bool = False, rt_max_epochs: int = 100,
-                 rt_samples_per_epoch: int = 500, rt_lr: float = 0.01, rt_batch_size: int = 64, rt_seed: int = 0,
-                 insdel_steps: int | Sequence[float] = 21, zrf_seed: int = DEFAULT_ZRF_SEED, batch_size: int = 256,
-                 num_workers: int = 0, methods: Sequence[str] | None = None, classes: Sequence[int] | None = None,
-                 progress: bool = True, audit_options: dict | None = None, test_limit: int | None = None) -> dict:
-    """Compute the requested metrics for every method of the run and write Tables 1 and 2 under ``run_dir/eval``.
+def run(run: Run, cfg: EvalConfig | None = None, *, force: bool = False, progress: bool = True) -> dict:
+    """The ``evaluate`` stage: compute the requested metrics for every method of the run and write Tables 1 and 2
+    under ``run_dir/eval``.
 
-    ``metrics``: any of "acc" (Acc_f / Acc_r), "zrf", "rt" (relearn time; needs the original's per-class accuracy,
-    computed if missing), "insdel" (WF-Net only). ``methods`` defaults to "original", every baseline present and
-    "wfnet"; ``classes`` to all (a baseline is evaluated on the classes it has, ``run.baseline_classes``).
-    The tables always report whatever is cached (a metric not computed yet shows "n/a"). Returns
-    ``{"table1": {...}, "table2": {...}}`` (the JSON written to table1.json / table2.json). A request of audit
-    metrics only writes ``eval/audit.*`` and leaves Tables 1 / 2 untouched (their entries are then None).
+    ``cfg.metrics``: any of "acc" (Acc_f / Acc_r), "zrf", "rt" (relearn time; needs the original's per-class
+    accuracy, computed if missing), "insdel" (WF-Net only), and the audit metrics. ``cfg.methods`` defaults to
+    "original", every baseline present and "wfnet"; ``cfg.classes`` to all (a baseline is evaluated on the classes it
+    has, ``run.baseline_classes``). The tables always report whatever is cached (a metric not computed yet shows
+    "n/a"). Returns ``{"table1", "table2", "markdown"}`` (the JSON written to table1.json / table2.json), and
+    ``"audit"`` when audit metrics were asked for. A request of audit metrics only writes ``eval/audit.*`` and
+    leaves Tables 1 / 2 untouched (their entries are then None).
     """
+    cfg = cfg or EvalConfig()
+    metrics = tuple(cfg.metrics or METRICS)
     unknown = sorted(set(metrics) - set(METRICS) - set(AUDIT_METRICS))
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose among {list(METRICS + AUDIT_METRICS)}")
-    if rt_max_epochs < 0:
-        raise ValueError("rt_max_epochs must be >= 0")
-    rt = {"max_epochs": int(rt_max_epochs), "samples_per_epoch": int(rt_samples_per_epoch), "lr": float(rt_lr),
-          "batch_size": int(rt_batch_size), "seed": int(rt_seed)}
-    if test_limit is not None and test_limit < 1:
-        raise ValueError(f"test_limit must be >= 1, got {test_limit}")
-    ev = _Evaluator(run, force=force, batch_size=batch_size, num_workers=num_workers, progress=progress,
-                    zrf_seed=zrf_seed, rt=rt, insdel_steps=insdel_steps, test_limit=test_limit)
-    all_classes = list(range(run.num_classes)) if classes is None else sorted({int(c) for c in classes})
+        raise RunError(f"unknown metric(s) {unknown}; choose among {list(METRICS + AUDIT_METRICS)}")
+    if cfg.rt_max_epochs < 0:
+        raise RunError("rt_max_epochs must be >= 0")
+    if cfg.test_limit is not None and cfg.test_limit < 1:
+        raise RunError(f"test_limit must be >= 1, got {cfg.test_limit}")
+    ev = Evaluator(run, cfg, force=force, progress=progress)
+    all_classes = list(range(run.num_classes)) if cfg.classes is None else sorted({int(c) for c in cfg.classes})
     bad = [c for c in all_classes if not 0 <= c < run.num_classes]
     if bad:
-        raise ValueError(f"classes {bad} are out of range: num_classes={run.num_classes}")
-    baselines = list(run.baseline_methods())
+        raise RunError(f"classes {bad} are out of range: num_classes={run.num_classes}")
+    found = list(run.baseline_methods())
+    baselines = [m for m in BASELINE_METHODS if m in found] + [m for m in found if m not in BASELINE_METHODS]
     has_gates = run.model_stamp("wfnet") is not None
     root = Path(run.run_dir)
+    methods = cfg.methods
     if not has_gates and (methods is None or "wfnet" in methods):
         # results.md / untrain_summary.json still describe gates whose file is gone (deleted by hand): evaluating
         # without them would drop the WF-Net row silently while results.md still shows it
         left = [n for n in ("results.json", "results.md", "untrain_summary.json") if (root / n).exists()]
-        if left:  # (no gates and no trace of them: a run not untrained yet evaluates what it has)
-            raise ValueError(f"{root / 'filters.safetensors'} does not exist although {', '.join(left)} "
-                             f"describe(s) its gates: recreate it with `wfnet untrain {root}` (the options are in "
-                             f"results.json), or leave WF-Net out with --methods")
+        if left:
+            raise RunError(f"{root / FILTERS} does not exist although {', '.join(left)} describe(s) its gates: "
+                           f"recreate it with `wfnet untrain {root}` (the options are in results.json), or leave "
+                           f"WF-Net out with --methods")
+        if methods is not None:
+            raise RunError(f"{root / FILTERS} does not exist: untrain first (`wfnet untrain {root}`), or leave "
+                           f"WF-Net out of --methods")
     if methods is None:  # WF-Net once the run has gates
         methods = ["original", *baselines] + (["wfnet"] if has_gates else [])
     methods = list(methods)
     for m in methods:
         if m not in ("original", "wfnet") and m not in baselines:
-            raise ValueError(f"method {m!r} is not in this run; it has original, wfnet and {baselines}")
+            raise RunError(f"method {m!r} is not in this run; it has original, wfnet and {baselines}")
     classes_of = {m: (all_classes if m in ("original", "wfnet")
                       else [c for c in all_classes if c in set(run.baseline_classes(m))]) for m in methods}
 
@@ -337,10 +367,9 @@ def evaluate_run(run, *, metrics: Sequence[str] = METRICS, force: bool = False, 
     out = {"table1": None, "table2": None, "markdown": ""}
     if any(m in METRICS for m in metrics):  # an audit-only request leaves Tables 1 / 2 as they are
         dataset, backbone = str(run.config.get("dataset", "?")), str(run.config.get("model", "?"))
-        t1 = _table1(ev, methods, classes_of, dataset, backbone, rt["max_epochs"])
+        t1 = _table1(ev, methods, classes_of, dataset, backbone, cfg.rt_max_epochs)
         t2 = _table2(ev, methods, all_classes, dataset, backbone)
         md = {"table1": table1_md(t1, run.run_dir), "table2": table2_md(t2, run.run_dir)}
-        root = Path(run.run_dir)
         for name in ("table1", "table2"):
             files.write_json(files.staging_path(root, f"eval/{name}.json"), {"table1": t1, "table2": t2}[name])
             files.write_text(files.staging_path(root, f"eval/{name}.md"), md[name])
@@ -349,70 +378,7 @@ def evaluate_run(run, *, metrics: Sequence[str] = METRICS, force: bool = False, 
                md["table2"]}
     requested = [m for m in AUDIT_METRICS if m in metrics]
     if requested:
-        result = audit_run(run, requested, methods, classes_of, progress=progress, force=force,
-                           **(audit_options or {}))
+        result = audit.run(run, cfg.audit, requested, methods, classes_of, force=force, progress=progress)
         out["audit"] = result
         out["markdown"] += ("\n" if out["markdown"] else "") + result["markdown"]
     return out
-
-
-def audit_run(run, metrics: Sequence[str], methods: Sequence[str], classes_of: dict, *, samples: int = 1000,
-              shots: Sequence[int] = (10, 50), steps: int = 50, hard_threshold: float = 0.5,
-              progress: bool = True, force: bool = False) -> dict:
-    """The unlearning audit (:mod:`wfnet.audit`) of the run's models, written to ``eval/audit.{md,json}``.
-
-    Cached like Tables 1 / 2: when ``eval/audit.json`` was computed with the same options (metrics, subjects,
-    classes, samples, shots, steps, threshold) on models with the same stamps, it is returned as it is (``force``:
-    recomputed); a rerun of ``wfnet demo`` then costs no audit.
-
-    Subjects: the original (reference; no relearning attack), WF-Net run with row c, its hard export at
-    ``hard_threshold``, and every baseline present ("retrain" is the reference a forgetting method is compared
-    with). Classes: those every audited baseline has. The JSON names the stamps of the models it measured, so a
-    reader can tell when it no longer describes the run's models.
-    """
-    from . import audit
-    from .model import export
-
-    data = run.data
-    orig = run.original_model()
-    subjects = [audit.AuditSubject("original", lambda c: (orig, lambda m, t: m(t)), skip={"relearn_fewshot"})]
-    stamps = {"original": run.model_stamp("original")}
-    if "wfnet" in methods:
-        wf = run.wrapped()
-        subjects.append(audit.AuditSubject("WF-Net (row c)", lambda c: (wf, lambda m, t, c=c: m(t, forget=c))))
-        subjects.append(audit.AuditSubject(
-            f"WF-Net hard export (T={hard_threshold:g})",
-            lambda c: (export(wf, forget=c, hard=hard_threshold).eval(), lambda m, t: m(t))))
-        stamps["wfnet"] = run.model_stamp("wfnet")
-    baselines = [m for m in methods if m not in ("original", "wfnet")]
-    for method in baselines:
-        subjects.append(audit.AuditSubject(_label(method), lambda c, method=method: (run.baseline_model(method, c),
-                                                                                      lambda m, t: m(t))))
-    classes = sorted(set.intersection(*[set(classes_of[m]) for m in methods if classes_of.get(m)]))
-    if not classes:
-        raise ValueError("the audit needs classes that every audited model has; run the baselines on common "
-                         "classes or choose --methods")
-    for method in baselines:
-        stamps[method] = {c: run.model_stamp(method, c) for c in classes}
-    options = {"metrics": list(metrics), "methods": list(methods), "samples": int(samples),
-               "shots": [int(k) for k in shots], "steps": int(steps)}
-    root = Path(run.run_dir)
-    cached = root / "eval" / "audit.json"
-    if not force and cached.exists() and (root / "eval" / "audit.md").exists():
-        old = files.read_json(cached)
-        # JSON turns the int class keys of the baselines' stamps into strings: compare through the same round trip
-        if (old.get("options") == options and old.get("classes") == classes
-                and old.get("hard_threshold") == hard_threshold
-                and old.get("stamps") == json.loads(json.dumps(files.json_safe(stamps)))):
-            return {**old, "markdown": (root / "eval" / "audit.md").read_text(encoding="utf-8")}
-    result = audit.run_audit(subjects, data.train, data.val, data.test, classes, run.device, metrics=metrics,
-                             shots=tuple(shots), steps=steps, max_samples=samples, progress=progress)
-    title = f"Audit: {run.config.get('dataset', '?')} / {run.config.get('model', '?')}"
-    md = audit.audit_markdown(result, title)
-    payload = {**result, "stamps": stamps, "hard_threshold": hard_threshold, "options": options}
-    files.write_json(files.staging_path(root, "eval/audit.json"), files.json_safe(payload))
-    files.write_text(files.staging_path(root, "eval/audit.md"), md)
-    files.commit(root, new=["eval/audit.json", "eval/audit.md"])
-    return {**files.json_safe(payload), "markdown": md}
-
-

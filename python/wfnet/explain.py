@@ -13,16 +13,37 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
+from .config import opt, opt_list
+from .errors import RunError
+from .evaluate import EvalConfig, Evaluator
 from .files import atomic_write, write_text
+from .report import fmt as _fmt
+from .report import mean as _mean
+from .run import Run
 
 __all__ = ["relevance", "filter_map_data", "plot_filter_map", "plot_gate_heatmaps", "plot_insertion_deletion",
-           "explain_run"]
+           "ExplainConfig", "run"]
+
+
+@dataclass
+class ExplainConfig:
+    """Filter maps, gate heatmaps and insertion / deletion curves: ``wfnet explain``."""
+    layers: list[str] | None = opt_list("comma-separated filtered layer names (default: the middle and the last one)")
+    top_k: int = opt(10, "channels per class in the filter maps")
+    min_classes: int = opt(2, "a channel is drawn when it is in the top-k of at least this many classes")
+    max_classes: int = opt(20, "classes drawn in the filter maps")
+    insdel_steps: int = opt(21, "points on the insertion / deletion curves")
+    test_limit: int | None = opt(None, "curves on the fixed random test subset of `wfnet evaluate --test-limit` "
+                                       "(default: the whole test set)")
 
 
 def relevance(alpha_weight: torch.Tensor) -> torch.Tensor:
@@ -64,9 +85,6 @@ def _save(fig, path) -> str:
 
 
 def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     return fig
@@ -184,14 +202,12 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"
 
 
-def explain_run(run, layers: Sequence[str] | None = None, force: bool = False, *, top_k: int = 10,
-                min_classes: int = 2, max_classes: int = 20, insdel_steps: int | Sequence[float] = 21,
-                batch_size: int = 256, num_workers: int = 0, progress: bool = True,
-                test_limit: int | None = None) -> dict:
-    """Write the explanation figures of a run under ``run_dir/explain/`` and a ``report.md`` linking them.
+def run(run: Run, cfg: ExplainConfig | None = None, *, force: bool = False, progress: bool = True) -> dict:
+    """The ``explain`` stage: write the explanation figures of a run under ``run_dir/explain/`` and a ``report.md``
+    linking them.
 
     * ``gates_heatmap.png``: sigmoid(alpha_weight) of every filtered layer (classes x channels);
-    * ``filter_map_<layer>.png`` for each of ``layers`` (default: the middle and the last filtered layer): the
+    * ``filter_map_<layer>.png`` for each of ``cfg.layers`` (default: the middle and the last filtered layer): the
       paper's Figures 3/4 (top-``top_k`` channels per class, channels shared by >= ``min_classes`` classes), over
       the first ``max_classes`` classes when there are more;
     * ``insertion_deletion.png``: the insertion / deletion curves per class and their mean (taken from, or
@@ -200,10 +216,8 @@ def explain_run(run, layers: Sequence[str] | None = None, force: bool = False, *
 
     Existing figures are kept unless ``force``. Returns ``{"report": path, "figures": {name: path}}``.
     """
-    from .evaluate import _Evaluator
-    from .report import fmt as _fmt
-    from .report import mean as _mean
-
+    cfg = cfg or ExplainConfig()
+    layers, top_k, min_classes, max_classes = cfg.layers, cfg.top_k, cfg.min_classes, cfg.max_classes
     out = Path(run.run_dir) / "explain"
     wf = run.wrapped()
     names = list(wf.layer_names)
@@ -211,7 +225,7 @@ def explain_run(run, layers: Sequence[str] | None = None, force: bool = False, *
         layers = list(dict.fromkeys([names[(len(names) - 1) // 2], names[-1]]))
     unknown = [l for l in layers if l not in names]
     if unknown:
-        raise ValueError(f"layers {unknown} are not filtered layers of this model; it has {names}")
+        raise RunError(f"layers {unknown} are not filtered layers of this model; it has {names}")
     alphas = {n: layer.alpha_weight.detach() for n, layer in wf.filtered_layers().items()}
     class_names = list(run.class_names)
     shown_classes = list(range(min(run.num_classes, max_classes)))
@@ -233,8 +247,7 @@ def explain_run(run, layers: Sequence[str] | None = None, force: bool = False, *
         notes[layer] = len(data["channels"])
 
     path = out / "insertion_deletion.png"
-    ev = _Evaluator(run, force=False, batch_size=batch_size, num_workers=num_workers, progress=progress,
-                    zrf_seed=None, rt={}, insdel_steps=insdel_steps, test_limit=test_limit)
+    ev = Evaluator(run, EvalConfig(insdel_steps=cfg.insdel_steps, test_limit=cfg.test_limit), progress=progress)
     ev._wf = wf
     curves = ev.insdel(list(range(run.num_classes)))
     if force or not path.exists():

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .config import MODEL_NAMES
+from dataclasses import dataclass
+from typing import Callable
 
-__all__ = ["build_model", "MODEL_NAMES", "min_image_size"]
+__all__ = ["build_model", "MODEL_NAMES", "MODELS", "ModelEntry", "register_model", "min_image_size"]
 
-_VIT = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224"}
 _SMALL_INPUT = 64  # at or below this many pixels, use the CIFAR-style stems / patch size 4
 
 
 class SmallCNN(nn.Module):
-    """Three conv blocks and a linear head; the calibration network of method.md section 6, with BatchNorm."""
+    """Three conv blocks and a linear head (docs/method.md section 7), with BatchNorm."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, widths=(32, 64, 128)):
         super().__init__()
@@ -42,15 +42,84 @@ class SmallCNN(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
-def min_image_size(name: str) -> int:
-    """The smallest input side the named model accepts (VGG-16's five max-pools need 32)."""
-    return 32 if name in ("vgg16", "vgg16_bn") else 8
-
-
 def _first_conv(conv: nn.Conv2d, in_chans: int, **overrides) -> nn.Conv2d:
     kw = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding, bias=conv.bias is not None)
     kw.update(overrides)
     return nn.Conv2d(in_chans, conv.out_channels, **kw)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A named architecture: ``build(num_classes, in_chans, image_size, small, patch_size, stem_stride)`` returns the
+    random model; the options it takes and the smallest input it accepts are declared, so ``build_model`` checks them
+    in one place."""
+    build: Callable[..., nn.Module]
+    min_image_size: int = 8
+    patch_size: bool = False    # takes a ViT patch size
+    stem_stride: bool = False   # takes a stride for the CIFAR-style stem (inputs of _SMALL_INPUT px or less)
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, entry: ModelEntry) -> None:
+    """Add a named architecture to ``--model`` (the one registry of model names)."""
+    if name in MODELS:
+        raise ValueError(f"model name {name!r} is already registered")
+    MODELS[name] = entry
+
+
+def _small_cnn(num_classes, in_chans, image_size, small, patch_size, stem_stride):
+    return SmallCNN(num_classes, in_chans)
+
+
+def _resnet18(num_classes, in_chans, image_size, small, patch_size, stem_stride):
+    import torchvision
+
+    m = torchvision.models.resnet18(num_classes=num_classes)
+    if small:
+        m.conv1 = _first_conv(m.conv1, in_chans, kernel_size=3, stride=stem_stride or 1, padding=1)
+        m.maxpool = nn.Identity()
+    elif in_chans != 3:
+        m.conv1 = _first_conv(m.conv1, in_chans)
+    return m
+
+
+def _vgg(name):
+    def build(num_classes, in_chans, image_size, small, patch_size, stem_stride):
+        import torchvision
+
+        m = getattr(torchvision.models, name)(num_classes=num_classes)
+        if in_chans != 3:
+            m.features[0] = _first_conv(m.features[0], in_chans)
+        if small:
+            m.avgpool = nn.AdaptiveAvgPool2d(1)
+            m.classifier = nn.Linear(512, num_classes)
+        return m
+    return build
+
+
+def _vit(timm_name):
+    def build(num_classes, in_chans, image_size, small, patch_size, stem_stride):
+        import timm
+
+        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                 img_size=image_size, patch_size=patch_size or (4 if small else 16))
+    return build
+
+
+register_model("small_cnn", ModelEntry(_small_cnn))
+register_model("vgg16", ModelEntry(_vgg("vgg16"), min_image_size=32))  # five max-pools
+register_model("vgg16_bn", ModelEntry(_vgg("vgg16_bn"), min_image_size=32))
+register_model("resnet18", ModelEntry(_resnet18, stem_stride=True))
+register_model("vit_tiny", ModelEntry(_vit("vit_tiny_patch16_224"), patch_size=True))
+register_model("vit_small", ModelEntry(_vit("vit_small_patch16_224"), patch_size=True))
+MODEL_NAMES = tuple(MODELS)
+
+
+def min_image_size(name: str) -> int:
+    """The smallest input side the named model accepts (VGG-16's five max-pools need 32; 8 for other names)."""
+    return MODELS[name].min_image_size if name in MODELS else 8
 
 
 def build_model(name: str, num_classes: int, in_chans: int = 3, image_size: int = 32, *,
@@ -62,40 +131,20 @@ def build_model(name: str, num_classes: int, in_chans: int = 3, image_size: int 
     import torchvision
 
     small = image_size <= _SMALL_INPUT
-    if stem_stride is not None and not (name == "resnet18" and small):
+    entry = MODELS.get(name)
+    if stem_stride is not None and not (entry is not None and entry.stem_stride and small):
         raise ValueError(f"stem_stride applies to resnet18 on inputs of {_SMALL_INPUT} px or less, not to {name!r} at "
                          f"{image_size} px")
     if stem_stride is not None and stem_stride not in (1, 2):
         raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
-    if patch_size is not None and name in ("small_cnn", "resnet18", "vgg16", "vgg16_bn"):
+    if patch_size is not None and entry is not None and not entry.patch_size:
         raise ValueError(f"patch_size applies to vision transformers, not to {name!r}")
     if patch_size is not None and (patch_size < 1 or image_size % patch_size):
         raise ValueError(f"patch_size {patch_size} must divide the image size {image_size}")
-    if name == "small_cnn":
-        return SmallCNN(num_classes, in_chans)
-    if name == "resnet18":
-        m = torchvision.models.resnet18(num_classes=num_classes)
-        if small:
-            m.conv1 = _first_conv(m.conv1, in_chans, kernel_size=3, stride=stem_stride or 1, padding=1)
-            m.maxpool = nn.Identity()
-        elif in_chans != 3:
-            m.conv1 = _first_conv(m.conv1, in_chans)
-        return m
-    if name in ("vgg16", "vgg16_bn"):
-        if image_size < 32:
-            raise ValueError(f"{name} needs inputs of at least 32 px (five max-pools), got image_size={image_size}")
-        m = getattr(torchvision.models, name)(num_classes=num_classes)
-        if in_chans != 3:
-            m.features[0] = _first_conv(m.features[0], in_chans)
-        if small:
-            m.avgpool = nn.AdaptiveAvgPool2d(1)
-            m.classifier = nn.Linear(512, num_classes)
-        return m
-    if name in _VIT:
-        import timm
-
-        return timm.create_model(_VIT[name], pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                 img_size=image_size, patch_size=patch_size or (4 if small else 16))
+    if entry is not None:
+        if image_size < entry.min_image_size:
+            raise ValueError(f"{name} needs inputs of at least {entry.min_image_size} px, got image_size={image_size}")
+        return entry.build(num_classes, in_chans, image_size, small, patch_size, stem_stride)
     # Any other name: torchvision first, then timm.
     try:
         m = torchvision.models.get_model(name, num_classes=num_classes)

@@ -19,9 +19,13 @@ Profiles (the settings are written into the report):
   capped steps, Table 1 on a fixed 2,000-image subset of the test set (the original's accuracy and the untraining's
   own per-class results use the full test set), RT capped at 10 epochs, 11-point insertion / deletion curves.
 
+* ``demo`` / ``demo-quick``: ``wfnet demo`` (``--quick``): the small CNN on the embedded digits, every stage, with the
+  unlearning audit (not in the quick one), in one run folder (:func:`run_backbone` without the combined report).
+
 ``PROFILES[profile][backbone]`` holds, per backbone: ``model`` (the architecture trained), ``data`` (DataConfig
 fields), ``train`` (TrainConfig), ``untrain`` (UntrainConfig over the tuned / paper recipe), ``baselines`` (method
--> classes, None = all), ``baseline_options`` (BaselineConfig) and ``eval`` (EvalConfig). Each backbone's stage
+-> classes, None = all), ``baseline_options`` (BaselineConfig), ``eval`` (EvalConfig) and, optionally, ``audit``
+(AuditConfig: the audit runs after the evaluation). Each backbone's stage
 times go to ``OUT/timing/<backbone>.json``, so backbones can run in separate processes on the same OUT; the combined
 report covers every backbone found in OUT.
 """
@@ -30,12 +34,23 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import files, paper
-from .config import BaselineConfig, DataConfig, EvalConfig, ExplainConfig, TrainConfig
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-__all__ = ["PROFILES", "BACKBONES", "reproduce", "combined_tables", "made_otherwise"]
+from . import baselines, evaluate, explain, files, train, untrain
+from .audit import AUDIT_METRICS, AuditConfig
+from .baselines import BaselineConfig
+from .checkpoint import read_state_meta
+from .config import DataConfig, opt, opt_list, with_defaults
+from .evaluate import EvalConfig
+from .explain import ExplainConfig
+from .run import Run, differences
+from .train import TrainConfig
+
+__all__ = ["PROFILES", "BACKBONES", "ReproduceConfig", "run", "run_backbone", "combined_tables", "made_otherwise"]
 
 BACKBONES = ("vgg16", "resnet18", "vit_tiny", "vit_small")
 
@@ -93,6 +108,31 @@ PROFILES: dict[str, dict[str, dict]] = {
 }
 # Plain VGG-16 does not train from scratch in a few epochs; its BatchNorm variant does (calibration, section 2).
 PROFILES["paper"]["vgg16"]["model"] = "vgg16_bn"
+# `wfnet demo`: the whole job on the embedded digits in a few CPU minutes; the audit uses a smaller protocol than the
+# default (one k, 30 steps). `wfnet demo --quick`: fewer epochs, no baselines, no audit, RT cap 20.
+PROFILES["demo"] = {"small_cnn": {"model": "small_cnn", "data": {}, "train": {"epochs": 15, "batch_size": 64},
+                                  "untrain": {"max_epochs": 20},
+                                  "baselines": {"random-labels": None, "negative-gradients": None},
+                                  "baseline_options": {}, "eval": {"rt_max_epochs": 100},
+                                  "audit": {"audit_samples": 500, "audit_shots": [10], "audit_steps": 30}}}
+PROFILES["demo-quick"] = {"small_cnn": {"model": "small_cnn", "data": {}, "train": {"epochs": 8, "batch_size": 64},
+                                        "untrain": {"max_epochs": 8}, "baselines": {}, "baseline_options": {},
+                                        "eval": {"rt_max_epochs": 20}}}
+
+
+@dataclass
+class ReproduceConfig:
+    """``wfnet reproduce``: which backbones, on which data, under which profile, into which folder."""
+    out: str = opt("runs/reproduce", "folder for one run folder per backbone and the combined report")
+    dataset: str = opt("mnist", "mnist, cifar10, imagenet, ...")
+    data_root: str | None = opt(None, "folder holding the dataset (default: $WFNET_DATA_ROOT)")
+    models: list[str] | None = opt_list(f"comma-separated subset of {','.join(BACKBONES)} (default: all)", BACKBONES)
+    profile: str = opt("cpu", "cpu: what 2 CPU cores allow (subsets, few epochs, baselines for a few classes; "
+                              "written into the report); paper: the paper's settings",
+                       choices=("cpu", "paper"))
+    paper_recipe_for: list[str] = field(default_factory=lambda: ["resnet18", "vit_tiny"],
+                                        metadata={"help": "backbones also untrained with the paper recipe",
+                                                  "flag": False})
 
 
 _REDO = "redo"  # timing-file key: stages to recompute in full after a forced replacement (not a stage time)
@@ -113,8 +153,6 @@ def _killed_seconds(state_path: Path, untrain: bool = False) -> float:
     the state keeps it (up to its last checkpoint); 0 without a state file."""
     if not state_path.exists():
         return 0.0
-    from .checkpoint import read_state_meta  # not at the top: `wfnet --help` imports this module, not safetensors
-
     meta = read_state_meta(state_path)
     return float((meta.get("state", {}) if untrain else meta).get("seconds", 0.0))
 
@@ -129,95 +167,113 @@ def _paper_recipe_folder(run_dir: Path) -> Path:
     return sib
 
 
-def reproduce(out, dataset: str = "mnist", models=BACKBONES, profile: str = "cpu", device=None,
-              data_root: str | None = None, paper_recipe_for=("resnet18", "vit_tiny"), progress: bool = True,
-              force: bool = False, log=print) -> dict:
-    """Run every stage for every backbone in ``models`` under ``out`` and write the combined report.
+def run_backbone(run_dir, p: dict, dataset: str, *, device=None, data_root: str | None = None,
+                 paper_recipe: bool = False, progress: bool = True, force: bool = False, log=print,
+                 timing_file: Path | None = None) -> dict:
+    """Every stage for one profile entry ``p`` (see the module docstring) in the run folder ``run_dir``: train ->
+    untrain (-> the paper recipe in a sibling folder) -> baselines -> evaluate (-> audit) -> explain. A finished
+    stage is skipped, an interrupted one resumed. Each stage's wall time is added to ``timing_file`` (when given).
+    Returns ``{"run", "untrain", "evaluate", "audit", "explain"}`` (each stage's result)."""
+    run_dir = Path(run_dir)
+    times = files.read_json(timing_file) if timing_file is not None and timing_file.exists() else {}
+    data = DataConfig(model=p["model"], dataset=dataset, data_root=data_root, **p["data"])
+    results = {}
+
+    def save_times():
+        if timing_file is None:
+            return
+        times["total"] = round(sum(v for k, v in times.items() if k not in ("total", _REDO)), 1)
+        timing_file.parent.mkdir(exist_ok=True)
+        files.write_json(timing_file, times)
+
+    def timed(name, fn):
+        result = _stage(times, name, fn)
+        if name in times.get(_REDO, []):
+            times[_REDO].remove(name)
+            if not times[_REDO]:
+                del times[_REDO]
+        save_times()
+        return result
+
+    def replacing(stages, redo=("evaluate", "explain")):
+        """Before a forced replacement: the stages' old times go, and evaluate / explain are redone in full
+        (remembered in the timing file, so an interrupted rerun still redoes them)."""
+        for name in stages:
+            times.pop(name, None)
+        times[_REDO] = sorted({*times.get(_REDO, []), *redo})
+        for name in redo:
+            times.pop(name, None)
+        save_times()
+
+    train_state = run_dir / "train_state.safetensors"
+    times["train"] = round(times.get("train", 0.0) + _killed_seconds(train_state), 1)
+    run = timed("train", lambda: train.run(Run.create(run_dir, data, device=device, log=log),
+                                           TrainConfig(**p["train"]), resume=train_state.exists(),
+                                           progress=progress))
+    results["run"] = run
+    cfg = untrain.config_for(run, **p["untrain"])
+    if force and untrain.saved_options(run) not in (None, untrain.options_key(cfg)):
+        replacing(["untrain"])
+    untrain_state = run_dir / "untrain_state.safetensors"
+    times["untrain"] = round(times.get("untrain", 0.0) + _killed_seconds(untrain_state, untrain=True), 1)
+    results["untrain"] = timed("untrain", lambda: untrain.run(run, cfg, force=force, progress=progress,
+                                                              resume=untrain_state.exists()))
+    if paper_recipe:
+        sib = Run.open(_paper_recipe_folder(run_dir), device=device, data_root=data_root, log=log)
+        sib_cfg = untrain.config_for(sib, recipe="paper", **p["untrain"])
+        if force and untrain.saved_options(sib) not in (None, untrain.options_key(sib_cfg)):
+            replacing(["untrain_paper_recipe"], redo=("evaluate_paper_recipe",))
+        timed("untrain_paper_recipe", lambda: untrain.run(
+            sib, sib_cfg, force=force, progress=progress,
+            resume=(sib.run_dir / "untrain_state.safetensors").exists()))
+        timed("evaluate_paper_recipe", lambda: evaluate.run(
+            sib, EvalConfig(**{**p["eval"], "metrics": ["acc", "zrf"], "methods": ["wfnet"]}),
+            force="evaluate_paper_recipe" in times.get(_REDO, []), progress=progress))
+    for method, classes in p["baselines"].items():
+        options = BaselineConfig(**p["baseline_options"], methods=[method], classes=classes)
+        swap = force and baselines.made_otherwise(run, method, options)
+        if swap:
+            replacing([f"baseline_{method}"])
+        timed(f"baseline_{method}", lambda: baselines.run(run, options, force=swap, progress=progress))
+    results["evaluate"] = timed("evaluate", lambda: evaluate.run(
+        run, EvalConfig(**p["eval"]), force="evaluate" in times.get(_REDO, []), progress=progress))
+    if "audit" in p:
+        results["audit"] = timed("audit", lambda: evaluate.run(
+            run, EvalConfig(**{**p["eval"], "metrics": list(AUDIT_METRICS)}, audit=AuditConfig(**p["audit"])),
+            force="audit" in times.get(_REDO, []), progress=progress)["audit"])
+    results["explain"] = timed("explain", lambda: explain.run(
+        run, ExplainConfig(insdel_steps=p["eval"].get("insdel_steps", 21), test_limit=p["eval"].get("test_limit")),
+        force="explain" in times.get(_REDO, []), progress=progress))
+    return results
+
+
+def run(cfg: ReproduceConfig | None = None, *, device=None, progress: bool = True, force: bool = False,
+        log=print) -> dict:
+    """The ``reproduce`` stage: every stage for every backbone of ``cfg.models`` under ``cfg.out``
+    (:func:`run_backbone`, one run folder per backbone) and the combined report.
 
     A stage already done with the same options is skipped. Gates or baseline models made with other options (an
     edited profile) are refused with the differences named, or with ``force`` replaced (the old ones stay until
     the new ones are made); the evaluation and the explanation are then recomputed in full, and the wall times
     of every replaced stage start again from zero."""
-    from .run import Run
-    from .untrain import options_key
-
+    cfg = cfg or ReproduceConfig()
+    profile, models = cfg.profile, list(cfg.models or BACKBONES)
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
     unknown = [m for m in models if m not in PROFILES[profile]]
     if unknown:
         raise ValueError(f"no {profile} profile for {unknown}: choose among {', '.join(PROFILES[profile])}")
-    out = Path(out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     for model in models:
         p = PROFILES[profile][model]
-        run_dir = out / model
-        timing_file = out / "timing" / f"{model}.json"
-        times = files.read_json(timing_file) if timing_file.exists() else {}
-        log(f"== {model} ({p['model']}, {profile} profile) in {run_dir}")
-        data = DataConfig(model=p["model"], dataset=dataset, data_root=data_root, **p["data"])
-
-        def save_times():
-            times["total"] = round(sum(v for k, v in times.items() if k not in ("total", _REDO)), 1)
-            timing_file.parent.mkdir(exist_ok=True)
-            files.write_json(timing_file, times)
-
-        def timed(name, fn):
-            result = _stage(times, name, fn)
-            if name in times.get(_REDO, []):
-                times[_REDO].remove(name)
-                if not times[_REDO]:
-                    del times[_REDO]
-            save_times()
-            return result
-
-        def replacing(stages, redo=("evaluate", "explain")):
-            """Before a forced replacement: the stages' old times go, and evaluate / explain are redone in full
-            (remembered in the timing file, so an interrupted rerun still redoes them)."""
-            for name in stages:
-                times.pop(name, None)
-            times[_REDO] = sorted({*times.get(_REDO, []), *redo})
-            for name in redo:
-                times.pop(name, None)
-            save_times()
-
-        train_state = run_dir / "train_state.safetensors"
-        times["train"] = round(times.get("train", 0.0) + _killed_seconds(train_state), 1)
-        run = timed("train", lambda: Run.train(
-            run_dir, data, TrainConfig(**p["train"]), device=device, progress=progress,
-            resume=train_state.exists(), log=log))
-        cfg = run.untrain_config(**p["untrain"])
-        if force and run.untrain_options() not in (None, options_key(cfg)):
-            replacing(["untrain"])
-        untrain_state = run_dir / "untrain_state.safetensors"
-        times["untrain"] = round(times.get("untrain", 0.0) + _killed_seconds(untrain_state, untrain=True), 1)
-        timed("untrain", lambda: run.untrain(
-            cfg, force=force, progress=progress, resume=untrain_state.exists()))
-        if model in paper_recipe_for:
-            sib = Run.open(_paper_recipe_folder(run_dir), device=device, data_root=data_root, log=log)
-            sib_cfg = sib.untrain_config(recipe="paper", **p["untrain"])
-            if force and sib.untrain_options() not in (None, options_key(sib_cfg)):
-                replacing(["untrain_paper_recipe"], redo=("evaluate_paper_recipe",))
-            timed("untrain_paper_recipe", lambda: sib.untrain(
-                sib_cfg, force=force, progress=progress,
-                resume=(sib.run_dir / "untrain_state.safetensors").exists()))
-            timed("evaluate_paper_recipe", lambda: sib.evaluate(
-                EvalConfig(**{**p["eval"], "metrics": ["acc", "zrf"], "methods": ["wfnet"]}),
-                force="evaluate_paper_recipe" in times.get(_REDO, []), progress=progress))
-        for method, classes in p["baselines"].items():
-            options = BaselineConfig(**p["baseline_options"])
-            swap = force and run.baselines_made_otherwise(method, options)
-            if swap:
-                replacing([f"baseline_{method}"])
-            timed(f"baseline_{method}", lambda: run.baselines([method], classes, options, force=swap,
-                                                              progress=progress))
-        timed("evaluate", lambda: run.evaluate(EvalConfig(**p["eval"]), force="evaluate" in times.get(_REDO, []),
-                                               progress=progress))
-        timed("explain", lambda: run.explain(ExplainConfig(insdel_steps=p["eval"].get("insdel_steps", 21),
-                                                           test_limit=p["eval"].get("test_limit")),
-                                             force="explain" in times.get(_REDO, []), progress=progress))
+        log(f"== {model} ({p['model']}, {profile} profile) in {out / model}")
+        run_backbone(out / model, p, cfg.dataset, device=device, data_root=cfg.data_root,
+                     paper_recipe=model in cfg.paper_recipe_for, progress=progress, force=force, log=log,
+                     timing_file=out / "timing" / f"{model}.json")
     found = [m for m in PROFILES[profile] if (out / "timing" / f"{m}.json").exists()]  # also other processes' runs
     timing = {m: files.read_json(out / "timing" / f"{m}.json") for m in found}
-    report = combined_tables(out, dataset, found, profile, timing)
+    report = combined_tables(out, cfg.dataset, found, profile, timing)
     log(report["markdown"])
     return report
 
@@ -239,12 +295,6 @@ def _fmt(v, pct: bool = False) -> str:
 def made_otherwise(out, model: str, profile: str) -> list[str]:
     """What in ``OUT/<model>`` (and its paper-recipe sibling) was made with other settings than the profile's now
     (training, untraining, baselines): ``name: old -> new`` per difference; empty when the folder matches."""
-    from dataclasses import asdict
-
-    from .config import with_defaults
-    from .run import Run, differences
-    from .untrain import options_key
-
     p = PROFILES[profile][model]
     run_dir = Path(out) / model
     if not (run_dir / "original.safetensors").exists():
@@ -258,12 +308,12 @@ def made_otherwise(out, model: str, profile: str) -> list[str]:
         if not (folder / "filters.safetensors").exists():
             continue
         r = run if folder == run_dir else Run.open(folder, log=lambda m: None)
-        key = options_key(r.untrain_config(recipe=name, **p["untrain"]))
-        if r.untrain_options() != key:
-            found.append(f"untrain, {name} recipe ({differences(r.untrain_options(), key)})")
+        key = untrain.options_key(untrain.config_for(r, recipe=name, **p["untrain"]))
+        if untrain.saved_options(r) != key:
+            found.append(f"untrain, {name} recipe ({differences(untrain.saved_options(r), key)})")
     options = BaselineConfig(**p["baseline_options"])
     for method in p["baselines"]:
-        if run.baselines_made_otherwise(method, options):
+        if baselines.made_otherwise(run, method, options):
             found.append(f"baseline {method}")
     return found
 
@@ -333,13 +383,11 @@ def combined_tables(out, dataset: str, models, profile: str, timing: dict | None
 
 
 def _figure(rows, path: Path, dataset: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    # matplotlib's object API (no pyplot): no display needed, the caller's backend left alone
     backbones = list(dict.fromkeys(r["backbone"] for r in rows))
-    fig, axes = plt.subplots(1, len(backbones), figsize=(4.2 * len(backbones), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(backbones), 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(backbones), squeeze=False)
     for ax, bb in zip(axes[0], backbones):
         mine = [r for r in rows if r["backbone"] == bb]
         labels = [r["model"] + (" (paper rec.)" if r["recipe"] == "paper" else "") for r in mine]
@@ -360,5 +408,4 @@ def _figure(rows, path: Path, dataset: str) -> None:
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

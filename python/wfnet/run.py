@@ -1,4 +1,9 @@
-"""Run folders: one folder per experiment, and :class:`Run`, the only code that writes or reads one.
+"""Run folders: one folder per experiment, and :class:`Run`, which manages one: its files, their stamps and commits.
+
+The stages that fill a folder are modules of their own, each with its configuration dataclass and a
+``run(run, cfg)`` function: :mod:`wfnet.train`, :mod:`wfnet.untrain`, :mod:`wfnet.baselines`, :mod:`wfnet.evaluate`
+(with :mod:`wfnet.audit`), :mod:`wfnet.explain`; :mod:`wfnet.reproduce` chains them. They write through
+:meth:`Run.stage_path` and :meth:`Run.commit`; this module imports none of them.
 
     <run>/config.json                 what the run is: model, dataset, data options, training options
     <run>/train_state.safetensors     resumable training state (while it runs)
@@ -24,17 +29,25 @@ from __future__ import annotations
 
 import json
 import re
-import time
+import shutil
 import uuid
-from dataclasses import asdict, replace
 from pathlib import Path
+
+import torch
 
 from . import files
 from ._version import __version__
-from .config import (BASELINE_METHODS, METRICS, BaselineConfig, DataConfig, EvalConfig, ExplainConfig,
-                     TrainConfig, UntrainConfig, default_train_epochs, recipe, with_defaults)
+from .backends import BackendUnavailableError, set_backend, use_backend
+from .checkpoint import load_model_weights, read_state_meta
+from .config import DataConfig
+from .data import default_image_size, load_dataset
+from .distributed import DistInfo, init_distributed, resolve_device
+from .errors import RunError
+from .model import export, wrap
+from .models import build_model, min_image_size
+from .serialization import load_filters, read_filters_metadata
 
-__all__ = ["Run", "RunError", "setup", "differences", "model_spec"]
+__all__ = ["Run", "RunError", "setup", "differences", "model_spec", "new_stamp", "one_line"]
 
 CONFIG = "config.json"
 ORIGINAL = "original.safetensors"
@@ -46,12 +59,8 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 TABLES = ("eval/table1.md", "eval/table1.json", "eval/table2.md", "eval/table2.json")
 # what describes the gates (removed in the same step as new gates land)
-_GATE_DERIVED = (*TABLES, "explain")
+GATE_DERIVED = (*TABLES, "explain")
 _IDENTITY = ("model", "dataset", "image_size", "patch_size", "stem_stride", "augment", "train_limit", "test_limit", "exclude_class", "train")
-
-
-class RunError(Exception):
-    """A failure the user can act on (a bad option, a missing or different run): the CLI prints it on one line."""
 
 
 def differences(old: dict, new: dict, keys=None) -> str:
@@ -70,9 +79,6 @@ def differences(old: dict, new: dict, keys=None) -> str:
 def model_spec(model: str, dataset: str, image_size: int | None, patch_size: int | None = None,
                stem_stride: int | None = None) -> dict:
     """Resolve the image size for a (model, dataset) pair: the dataset's native size, raised to the model's minimum."""
-    from .data import default_image_size
-    from .models import min_image_size
-
     size = image_size or default_image_size(dataset)
     return {"model": model, "dataset": dataset, "image_size": max(size, min_image_size(model)),
             "patch_size": patch_size, "stem_stride": stem_stride}
@@ -81,11 +87,6 @@ def model_spec(model: str, dataset: str, image_size: int | None, patch_size: int
 def setup(device: str | None = "auto", backend: str | None = None):
     """Join the process group under torchrun, resolve ``device`` and select ``backend`` after checking that it can
     run on that device (a tiny filtered conv), so an unusable choice fails before any work. Returns (info, device)."""
-    import torch
-
-    from .backends import BackendUnavailableError, set_backend, use_backend
-    from .distributed import init_distributed, resolve_device
-
     wanted = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
     info = init_distributed(wanted)
     try:
@@ -94,8 +95,6 @@ def setup(device: str | None = "auto", backend: str | None = None):
         raise RunError(str(exc)) from None
     if backend is not None:
         if backend != "auto":  # probe first: a failed check leaves the process default as it was
-            from .model import wrap
-
             probe = wrap(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1)), 2).to(dev)
             try:
                 with use_backend(backend), torch.no_grad():
@@ -104,13 +103,13 @@ def setup(device: str | None = "auto", backend: str | None = None):
                 raise RunError(str(exc)) from None
             except BackendUnavailableError as exc:
                 reasons = str(exc).splitlines()[1:] or [str(exc)]
-                raise RunError(_one_line(f"--backend {backend} cannot run on {dev}:\n" + "\n".join(reasons))) \
+                raise RunError(one_line(f"--backend {backend} cannot run on {dev}:\n" + "\n".join(reasons))) \
                     from None
         set_backend(backend)
     return info, dev
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """A multi-line message (an error with a list of reasons) as one line."""
     out = ""
     for line in (re.sub(r"^\s*-\s+", "", ln).strip() for ln in str(text).splitlines()):
@@ -119,7 +118,8 @@ def _one_line(text: str) -> str:
     return out
 
 
-def _stamp() -> str:
+def new_stamp() -> str:
+    """A random stamp naming one model file; every result derived from it names it too."""
     return uuid.uuid4().hex[:16]
 
 
@@ -134,13 +134,12 @@ class Run:
     >>> run = Run.open("runs/demo")
     >>> wf = run.wrapped()                # the original model with its trained gates: wf(x, forget=c)
     >>> plain = run.forget_model(3)       # a plain nn.Module that forgot class 3
+
+    Creating one: ``wfnet.train.run(Run.create(out, DataConfig(...)), TrainConfig(...))``; the other stages take the
+    opened run: ``wfnet.untrain.run(run, cfg)``, ``wfnet.evaluate.run(run, EvalConfig())``, ...
     """
 
     def __init__(self, run_dir, config: dict, device=None, info=None, log=None):
-        import torch
-
-        from .distributed import DistInfo
-
         self.run_dir = Path(run_dir)
         self.config = config
         self.info = info or DistInfo()
@@ -173,19 +172,10 @@ class Run:
         return cls(path, config, device, info, log)
 
     @classmethod
-    def train(cls, out, data: DataConfig | None = None, train: TrainConfig | None = None, *, device=None,
-              resume: bool = False, info=None, progress: bool = True, log=None) -> "Run":
-        """Train the original model into the run folder ``out`` (created; or resumed with ``resume``) and return
-        the run. A folder holding a different complete run is refused, naming every differing option."""
-        import torch
-
-        from .distributed import DistInfo
-        from .models import build_model
-
-        data, train = data or DataConfig(), train or TrainConfig()
-        info = info or DistInfo()
-        out = Path(out)
-        train = replace(train, epochs=train.epochs or default_train_epochs(data.dataset))
+    def create(cls, out, data: DataConfig | None = None, *, device=None, info=None, log=None) -> "Run":
+        """The run of ``data`` in folder ``out``, not written yet: the data is loaded (its classes and channels go
+        into the config); :func:`wfnet.train.run` claims the folder (:meth:`claim`) and trains it."""
+        data = data or DataConfig()
         spec = model_spec(data.model, data.dataset, data.image_size, data.patch_size, data.stem_stride)
         bundle = _load_data(data.dataset, data.data_root, spec["image_size"], download=data.download,
                             augment=data.augment, exclude_class=data.exclude_class, train_limit=data.train_limit,
@@ -194,14 +184,26 @@ class Run:
                   "train_limit": data.train_limit, "test_limit": data.test_limit,
                   "exclude_class": data.exclude_class, "in_chans": bundle.in_chans, "num_classes": bundle.num_classes,
                   "class_names": bundle.class_names, "val_fraction": 0.1, "data_seed": 0,
-                  "device": str(device or "cpu"), "train": asdict(train)}
+                  "device": str(device or "cpu"), "train": None}
+        run = cls(out, config, device, info, log)
+        run._data = bundle
+        return run
+
+    def claim(self, train: dict, defaults: dict, resume: bool = False) -> str:
+        """Claim the folder for this run trained with options ``train`` (``defaults``: the training options'
+        defaults, completing options saved by an older wfnet). Returns "done" (the folder already holds this run's
+        original model: the config is the saved one), "resume" (continue the interrupted training) or "fresh".
+        A folder holding a different run, or a different interrupted training with ``resume``, is refused, naming
+        every differing option."""
+        out, info = self.run_dir, self.info
+        self.config = {**self.config, "train": dict(train)}
         if info.is_main and out.exists():
             files.recover(out)
         if (out / CONFIG).exists():
             old = files.read_json(out / CONFIG)
             saved = {k: old.get(k) for k in _IDENTITY}
-            saved["train"] = with_defaults(TrainConfig, saved["train"] or {})
-            diff = differences(saved, {k: config[k] for k in _IDENTITY})
+            saved["train"] = {**defaults, **(saved["train"] or {})}
+            diff = differences(saved, {k: self.config[k] for k in _IDENTITY})
             if diff and (out / ORIGINAL).exists():
                 raise RunError(f"{out} already holds a different run ({diff}); choose another --out or delete that "
                                f"folder")
@@ -209,55 +211,44 @@ class Run:
                 raise RunError(f"--resume: the interrupted training in {out} used other options ({diff}); resume "
                                f"with those, or start it over without --resume")
             if (out / ORIGINAL).exists():
-                run = cls(out, old, device, info, log)
-                run._say(f"{out}: the original model is already trained (test accuracy "
-                         f"{run.original_info().get('test_acc', float('nan')):.2f}%); nothing to do")
-                return run
+                self.config = old
+                return "done"
             if diff:
-                (log or print)(f"{out}: replacing an interrupted training with other options ({diff})") \
-                    if info.is_main else None
+                self.say(f"{out}: replacing an interrupted training with other options ({diff})")
                 resume = False
         elif out.exists() and any(out.iterdir()):
             raise RunError(f"{out} exists and is neither empty nor a wfnet run folder; choose another --out")
-        if info.enabled:  # every rank has checked the folder before rank 0 writes to it
-            import torch.distributed as dist
-
-            dist.barrier()
-        try:
-            torch.manual_seed(train.seed)  # the same initialisation as build_model(seed=train.seed)
-            model = build_model(data.model, bundle.num_classes, bundle.in_chans, spec["image_size"],
-                                patch_size=data.patch_size, stem_stride=data.stem_stride)
-        except ValueError as exc:
-            raise RunError(str(exc)) from None
-        run = cls(out, config, device, info, log)
         if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
             if not resume:
                 (out / TRAIN_STATE).unlink(missing_ok=True)
-            files.write_json(out / CONFIG, config)  # a run with no original model yet: an interrupted training
-        run._say(f"training {data.model} on {data.dataset} ({len(bundle.train)} train / {len(bundle.val)} val / "
-                 f"{len(bundle.test)} test images, {spec['image_size']} px) on {run.device}")
-        run._data = bundle
-        from .checkpoint import save_model
-        from .train import train_classifier
+            files.write_json(out / CONFIG, self.config)  # a run with no original model yet: an interrupted training
+        return "resume" if resume else "fresh"
 
-        t0 = time.time()
-        res = train_classifier(model, bundle.train, bundle.test, train, run.device, checkpoint=out / TRAIN_STATE,
-                               resume=resume, info=info, progress=progress)
-        if info.is_main:
-            meta = {"stamp": _stamp(), "train": asdict(train), "test_acc": res["test_acc"],
-                    "seconds": res["seconds"]}  # the whole training, an interrupted process's epochs included
-            save_model(model, files.staging_path(out, ORIGINAL), meta)
-            files.commit(out, new=[ORIGINAL], stale=[TRAIN_STATE])
-        resumed = f", {time.time() - t0:.0f} s in this process" if res["seconds"] > time.time() - t0 + 1 else ""
-        run._say(f"test accuracy {res['test_acc']:.2f}% ({res['seconds']:.0f} s{resumed}); saved {out / ORIGINAL}")
-        return run
+    # ----------------------------------------------------------------------------------------------------------
+    # writing: every stage's outputs land through these
+
+    def say(self, msg: str) -> None:
+        """Print a progress line (main rank only; silenced with ``log=False``)."""
+        if self.info.is_main and self._log:
+            self._log(msg)
+
+    def stage_path(self, rel: str) -> Path:
+        """Where a new version of ``rel`` is written before :meth:`commit` moves it in."""
+        return files.staging_path(self.run_dir, rel)
+
+    def commit(self, new, stale=()) -> None:
+        """Move the staged ``new`` files in and take ``stale`` away, in one step (:func:`wfnet.files.commit`)."""
+        files.commit(self.run_dir, new=new, stale=stale)
+
+    def gate_derived(self) -> list[str]:
+        """Every file that describes the gates: it leaves in the same step as new gates land."""
+        root = self.run_dir
+        return [*GATE_DERIVED, *[str(p.relative_to(root)) for p in root.glob("eval/*_wfnet.json")],
+                "eval/audit.json", "eval/audit.md"]
 
     # ----------------------------------------------------------------------------------------------------------
     # models and data
-
-    def _say(self, msg: str) -> None:
-        if self.info.is_main and self._log:
-            self._log(msg)
 
     @property
     def data(self):
@@ -271,10 +262,6 @@ class Run:
 
     def build_model(self, seed: int = 0):
         """A fresh, randomly initialised model of the run's architecture (seeded), on the device, in eval mode."""
-        import torch
-
-        from .models import build_model
-
         c = self.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -285,8 +272,6 @@ class Run:
     def original_info(self) -> dict:
         """The original model's metadata (stamp, training options, test accuracy, seconds), checked against
         config.json."""
-        from .checkpoint import read_state_meta
-
         path = self.run_dir / ORIGINAL
         if not path.exists():
             raise RunError(f"{path} does not exist: the original model is not trained yet (`wfnet train --out "
@@ -296,32 +281,27 @@ class Run:
             raise RunError(f"{path} was written by an older wfnet that did not record its options; train it again "
                            f"into a new folder")
         trained, configured = meta.get("train") or {}, self.config.get("train") or {}
-        if with_defaults(TrainConfig, trained) != with_defaults(TrainConfig, configured):
+        # both are written from the same options by wfnet.train.run; an option one of them lacks was added after
+        # an older wfnet wrote it, so only the options both name are compared
+        if any(trained[k] != configured[k] for k in set(trained) & set(configured)):
             raise RunError(f"{path} was trained with other options than {CONFIG} says "
                            f"({differences(meta.get('train') or {}, self.config.get('train') or {})})")
         return meta
 
     def original_model(self):
         """The trained original model, on the run's device, in eval mode."""
-        from .checkpoint import load_model_weights
-
         self.original_info()
         m = self.build_model()
         load_model_weights(m, self.run_dir / ORIGINAL)
         return m.eval()
 
     def untrain_options(self) -> dict | None:
-        """The untraining options the gates in ``filters.safetensors`` were made with (None: no gates yet)."""
-        saved = self._filters_meta().get("untrain")
-        if saved is None:
-            return None
-        full = with_defaults(UntrainConfig, saved)
-        full.pop("num_workers", None)
-        return full
+        """The untraining options the gates in ``filters.safetensors`` were made with, as saved (None: no gates
+        yet; :func:`wfnet.untrain.saved_options` completes them with options added since)."""
+        return self.filters_meta().get("untrain")
 
-    def _filters_meta(self) -> dict:
-        from .serialization import read_filters_metadata
-
+    def filters_meta(self) -> dict:
+        """The gates' stamp, their original model's stamp and their untraining options ({} without gates)."""
         path = self.run_dir / FILTERS
         if not path.exists():
             return {}
@@ -332,10 +312,7 @@ class Run:
     def wrapped(self, gates: bool = True, targets="auto"):
         """The original model wrapped by :func:`wfnet.wrap`, with the run's trained gates loaded (``gates=False``:
         fresh gates on ``targets``). ``wf(x, forget=c)`` forgets class c; ``wf(x)`` is the original model."""
-        from .model import wrap
-        from .serialization import load_filters
-
-        meta = self._filters_meta() if gates else {}
+        meta = self.filters_meta() if gates else {}
         if gates:
             if not meta:
                 raise RunError(f"{self.run_dir / FILTERS} does not exist: untrain first (`wfnet untrain "
@@ -355,8 +332,6 @@ class Run:
     def forget_model(self, c: int):
         """A plain ``nn.Module`` (no wfnet layers) that forgot class ``c``: the gates of row c baked into the
         weights (:func:`wfnet.export`)."""
-        from .model import export
-
         if not 0 <= int(c) < self.num_classes:
             raise RunError(f"class {c} is out of range: num_classes={self.num_classes}")
         return export(self.wrapped(), forget=int(c)).eval()
@@ -366,305 +341,70 @@ class Run:
         if method == "original":
             return self.original_info().get("stamp")
         if method == "wfnet":
-            return self._filters_meta().get("stamp")
+            return self.filters_meta().get("stamp")
         return self.baseline_info(method, c).get("stamp")
-
-    # ----------------------------------------------------------------------------------------------------------
-    # untraining
 
     def results(self) -> dict | None:
         """``results.json`` when it describes the gates in ``filters.safetensors`` (else None)."""
         path = self.run_dir / RESULTS_JSON
-        meta = self._filters_meta()
+        meta = self.filters_meta()
         if not meta or not path.exists():
             return None
         res = files.read_json(path)
         return res if res.get("filters_stamp") == meta["stamp"] and res.get("untrain") == meta["untrain"] else None
 
-    def untrain_config(self, **options) -> UntrainConfig:
-        """The full untraining options: ``options`` over the recipe's values (``recipe``, default tuned; None =
-        the recipe's value), for this run's kind of backbone."""
-        from .untrain import model_kind
-
-        wf = self.wrapped(gates=False, targets=options.get("targets") or "auto")
-        try:
-            return recipe(options.get("recipe") or "tuned", model_kind(wf), **options)
-        except ValueError as exc:
-            raise RunError(str(exc)) from None
-
-    def untrain(self, options: UntrainConfig | None = None, *, force: bool = False, resume: bool = False,
-                progress: bool = True) -> dict | None:
-        """Train the gates for every class in one round and write them with their results (see the module
-        docstring for what lands when). ``options``: a full :class:`UntrainConfig` (:meth:`untrain_config` builds
-        one from a recipe); default: the tuned recipe. Gates made with other options are replaced only with
-        ``force``, and only once the new ones are trained. Returns the results (None on non-main ranks)."""
-        import torch
-
-        from .backends import BackendUnavailableError
-        from .checkpoint import read_state_meta
-        from .untrain import options_key, untrain
-
-        cfg = options or self.untrain_config()
-        key = options_key(cfg)
-        try:
-            current = self.untrain_options()
-        except files.CorruptFileError:
-            if not force:
-                raise
-            # --force replaces the gates whatever they hold; a damaged file holds nothing worth keeping
-            self._say(f"{self.run_dir / FILTERS} is damaged or truncated; --force: untraining anew to replace it")
-            current = None
-        if current is not None and current != key and not force:
-            raise RunError(f"{self.run_dir} already holds gates untrained with other options "
-                           f"({differences(current, key)}); pass --force to replace them (the old ones stay until "
-                           f"the new ones are trained), or copy the run folder")
-        state = self.run_dir / UNTRAIN_STATE
-        if resume and state.exists() and read_state_meta(state).get("config") != key:
-            raise RunError(f"--resume: the interrupted untraining in {self.run_dir} used other options "
-                           f"({differences(read_state_meta(state).get('config') or {}, key)}); resume with those, "
-                           f"or start over without --resume")
-        if current == key:
-            done = self.results()
-            if done is not None:
-                self._say(f"{self.run_dir}: already untrained with these options; results in "
-                          f"{self.run_dir / RESULTS_MD}")
-                return {**done, "markdown": (self.run_dir / RESULTS_MD).read_text(encoding="utf-8")}
-        if not resume and not force and state.exists():
-            # a killed untraining left its state: starting over silently would throw that work away
-            raise RunError(f"{self.run_dir} holds an interrupted untraining ({state.name}): pass --resume to "
-                           f"continue it (with the same options), or --force to discard it and start over")
-        wf = self.wrapped(gates=False, targets=cfg.targets)
-        self._say(f"{self.run_dir}: {wf.plan.one_line(wf.num_classes)}")
-        bundle = self.data
-        try:  # the real model on one real sample: an unusable backend fails here, before any training
-            with torch.no_grad():
-                wf(bundle.train[0][0][None].to(self.device), forget=0)
-        except BackendUnavailableError as exc:
-            raise RunError(_one_line(exc)) from None
-        if current == key and (self.run_dir / UNTRAIN_SUMMARY).exists():
-            # the gates exist, only their results are missing (deleted by hand): evaluate them, no retraining
-            from .serialization import load_filters
-
-            load_filters(wf, self.run_dir / FILTERS)
-            summary = files.read_json(self.run_dir / UNTRAIN_SUMMARY)
-            return self._commit_untrain(wf, cfg, summary, new_gates=False, progress=progress)
-        self._say(f"untraining {len(wf.layer_names)} filtered layers ({wf.num_filter_parameters()} gate parameters) "
-                  f"for all {self.num_classes} classes, {cfg.recipe} recipe, on {self.device}")
-        try:
-            summary = untrain(wf, bundle.train, bundle.val, cfg, self.device, state_path=state, resume=resume,
-                              info=self.info, progress=progress)
-        except BackendUnavailableError as exc:
-            raise RunError(_one_line(exc)) from None
-        if not self.info.is_main:
-            return None
-        self._say(f"{summary['stopped']} after {summary['steps']} steps ({summary['seconds']:.0f} s)")
-        return self._commit_untrain(wf, cfg, summary, new_gates=True, progress=progress)
-
-    def _commit_untrain(self, wf, cfg, summary, new_gates: bool, progress: bool) -> dict:
-        from . import metrics
-        from .report import accuracy_md
-        from .serialization import save_filters
-        from .train import make_loader
-        from .untrain import options_key
-
-        key = options_key(cfg)
-        stamp = _stamp() if new_gates else self._filters_meta()["stamp"]
-        wf.eval()
-        loader = make_loader(self.data.test, 512)
-        classes = range(self.num_classes)
-        orig_acc = metrics.accuracy_forget_retain_shared(self.original_model(), loader, classes, self.device)
-        wf_acc = metrics.accuracy_forget_retain(lambda c: (lambda x: wf(x, forget=c)), loader, classes, self.device,
-                                                progress=progress)
-        results = {"run": str(self.run_dir), "model": self.config["model"], "dataset": self.config["dataset"],
-                   "recipe": cfg.recipe, "untrain_seconds": summary["seconds"], "filters_stamp": stamp,
-                   "untrain": key, "original": orig_acc, "wf_net": wf_acc}
-        summary = {**summary, "filters_stamp": stamp, "untrain": key}
-        md = accuracy_md(self.class_names, orig_acc, wf_acc, cfg.recipe, summary["seconds"], self.config["dataset"],
-                         self.config["model"])
-        root = self.run_dir
-        new = [UNTRAIN_SUMMARY, RESULTS_JSON, RESULTS_MD]
-        stale = []
-        if new_gates:  # what described the old gates leaves as the new ones land
-            stale = [*_GATE_DERIVED, *[str(p.relative_to(root)) for p in root.glob("eval/*_wfnet.json")],
-                     UNTRAIN_STATE]
-            meta = {"stamp": stamp, "original_stamp": self.original_info()["stamp"], "untrain": key,
-                    "dataset": self.config["dataset"]}
-            save_filters(wf, files.staging_path(root, FILTERS), meta)
-            new.append(FILTERS)
-        files.write_json(files.staging_path(root, UNTRAIN_SUMMARY), summary)
-        files.write_json(files.staging_path(root, RESULTS_JSON), results)
-        files.write_text(files.staging_path(root, RESULTS_MD), md)
-        files.commit(root, new=new, stale=stale)
-        self._say(f"saved {root / FILTERS}")
-        results["markdown"] = md
-        return results
-
-    # ----------------------------------------------------------------------------------------------------------
-    # baselines
-
     def baseline_dir(self, method: str) -> Path:
         return self.run_dir / "baselines" / method
 
     def baseline_methods(self) -> list[str]:
-        return [m for m in BASELINE_METHODS if self.baseline_classes(m)]
+        """The baseline methods with models in the folder, by name (``wfnet.baselines.METHODS`` orders tables)."""
+        d = self.run_dir / "baselines"
+        return sorted(p.name for p in d.iterdir() if p.is_dir() and self.baseline_classes(p.name)) \
+            if d.is_dir() else []
 
     def baseline_classes(self, method: str) -> list[int]:
         d = self.baseline_dir(method)
         return sorted(int(p.stem.split("_")[1]) for p in d.glob("class_*.safetensors")) if d.exists() else []
 
     def baseline_info(self, method: str, c: int) -> dict:
-        from .checkpoint import read_state_meta
-
         path = self.baseline_dir(method) / f"class_{c}.safetensors"
         if not path.exists():
             raise RunError(f"{path} does not exist: run `wfnet baselines {self.run_dir} --methods {method}`")
         return read_state_meta(path)
 
     def baseline_model(self, method: str, c: int):
-        from .checkpoint import load_model_weights
-
         self.baseline_info(method, c)
         m = self.build_model()
         load_model_weights(m, self.baseline_dir(method) / f"class_{c}.safetensors")
         return m.eval()
 
-    def baselines(self, methods=None, classes=None, options: BaselineConfig | None = None, *, force: bool = False,
-                  progress: bool = True) -> dict:
-        """Run the per-class baselines (default: all methods, all classes) and return ``{method: summary}``.
+    def baseline_options(self, method: str) -> dict | None:
+        """The options ``method``'s models were made with, as saved (None: no model)."""
+        return dir_options(self.baseline_dir(method))
 
-        Models that exist with the same options are kept (``force``: recomputed). Models made with other options
-        are replaced only with ``force``: the new ones go to ``baselines/.pending-<method>/`` (a rerun continues
-        there) and replace the old folder in one step once every requested class is done."""
-        from .baselines import unlearn_baseline
-        from .checkpoint import save_model
-
-        methods = list(methods or BASELINE_METHODS)
-        bad = [m for m in methods if m not in BASELINE_METHODS]
-        if bad:
-            raise RunError(f"unknown baseline(s) {bad}: use {', '.join(BASELINE_METHODS)}")
-        classes = list(range(self.num_classes)) if classes is None else [int(c) for c in classes]
-        out_of_range = [c for c in classes if not 0 <= c < self.num_classes]
-        if out_of_range:
-            raise RunError(f"class(es) {out_of_range} out of range: num_classes={self.num_classes}")
-        options = options or BaselineConfig()
-        tcfg = TrainConfig(**self.config["train"])
+    def replace_baselines(self, method: str, pending: Path) -> None:
+        """Swap the completed ``pending`` folder in for ``method``'s models, with what described the old ones."""
         root = self.run_dir
-        for method in methods:  # check every method before running any
-            made_with = self.baseline_made_with(method, options)
-            old = self._baseline_options(method)
-            if old is not None and old != made_with and not force:
-                raise RunError(f"{self.baseline_dir(method)} holds {method} models made with other options "
-                               f"({differences(old, made_with)}); pass --force to replace them (the old ones stay "
-                               f"until the new ones are made)")
-        original = self.original_model()
-        stamp_original = self.original_info()["stamp"]
-        summaries = {}
-        for method in methods:
-            made_with = self.baseline_made_with(method, options)
-            old = self._baseline_options(method)
-            final = self.baseline_dir(method)
-            pending = final.parent / f".pending-{method}"
-            swap = old is not None and old != made_with
-            if pending.exists() and (not swap or _dir_options(pending) not in (None, made_with)):
-                import shutil
+        rel = str(self.baseline_dir(method).relative_to(root))
+        self.commit(new={rel: str(pending.relative_to(root))},
+                    stale=[rel, *TABLES, *[str(p.relative_to(root)) for p in root.glob(f"eval/*_{method}.json")]])
 
-                shutil.rmtree(pending)  # an interrupted replacement with yet other options
-            target = pending if swap else final
-            for c in classes:
-                path = target / f"class_{c}.safetensors"
-                if path.exists() and not (force and not swap):
-                    continue
-                model, seconds = unlearn_baseline(method, original, self.data, c, options, self.device,
-                                                  build_fresh=lambda: self.build_model(seed=tcfg.seed),
-                                                  train_cfg=tcfg, progress=progress)
-                meta = {"stamp": _stamp(), "original_stamp": stamp_original, "method": method, "class": c,
-                        "seconds": seconds, "options": made_with}
-                if swap:  # not visible as a result until the whole folder is swapped in
-                    save_model(model, path, meta)
-                    files.write_json(target / "summary.json", _baseline_summary(method, target))
-                else:
-                    rel = str(path.relative_to(root))
-                    save_model(model, files.staging_path(root, rel), meta)
-                    extra = {c: meta}
-                    files.write_json(files.staging_path(root, f"{rel}.summary"),
-                                     _baseline_summary(method, final, extra))
-                    files.commit(root, new={rel: str(files.staging_path(root, rel).relative_to(root)),
-                                            str((final / "summary.json").relative_to(root)):
-                                                str(files.staging_path(root, f"{rel}.summary").relative_to(root))},
-                                 stale=TABLES)
-                self._say(f"{method}: class {c} done in {seconds:.1f} s")
-            if swap:
-                rel = str(final.relative_to(root))
-                files.commit(root, new={rel: str(pending.relative_to(root))},
-                             stale=[rel, *TABLES,
-                                    *[str(p.relative_to(root)) for p in root.glob(f"eval/*_{method}.json")]])
-            summaries[method] = _baseline_summary(method, final)
-            self._say(f"{method}: {len(summaries[method]['seconds'])} classes, "
-                      f"{summaries[method]['total_seconds']:.0f} s in total")
-        return summaries
-
-    def baseline_made_with(self, method: str, options: BaselineConfig) -> dict:
-        """The options ``method``'s models are made with: the run's training options for retrain, else
-        ``options``."""
-        return asdict(TrainConfig(**self.config["train"])) if method == "retrain" else asdict(options)
-
-    def baselines_made_otherwise(self, method: str, options: BaselineConfig) -> bool:
-        """Whether ``method``'s models exist and were made with options other than these."""
-        return self._baseline_options(method) not in (None, self.baseline_made_with(method, options))
-
-    def _baseline_options(self, method: str) -> dict | None:
-        saved = _dir_options(self.baseline_dir(method))
-        return None if saved is None else with_defaults(TrainConfig if method == "retrain" else BaselineConfig, saved)
-
-    # ----------------------------------------------------------------------------------------------------------
-    # evaluation and explanation
-
-    def evaluate(self, options: EvalConfig | None = None, *, force: bool = False, progress: bool = True) -> dict:
-        """Table 1 (Acc_r, Acc_f, ZRF, RT) and Table 2 (insertion, deletion) of every method in the run, written
-        under ``eval/`` (see :mod:`wfnet.evaluate`). Returns ``{"table1", "table2", "markdown"}``."""
-        from .evaluate import evaluate_run
-
-        o = options or EvalConfig()
-        try:
-            return evaluate_run(self, metrics=tuple(o.metrics or METRICS), force=force, rt_max_epochs=o.rt_max_epochs,
-                                rt_samples_per_epoch=o.rt_samples, rt_lr=o.rt_lr, rt_batch_size=o.rt_batch_size,
-                                rt_seed=o.rt_seed, insdel_steps=o.insdel_steps, zrf_seed=o.zrf_seed,
-                                batch_size=o.batch_size, methods=o.methods,
-                                classes=None if o.classes is None else [int(c) for c in o.classes],
-                                progress=progress, test_limit=o.test_limit,
-                                audit_options=dict(samples=o.audit_samples, shots=tuple(o.audit_shots or (10, 50)),
-                                                   steps=o.audit_steps, hard_threshold=o.hard_threshold))
-        except ValueError as exc:
-            raise RunError(str(exc)) from None
-
-    def explain(self, options: ExplainConfig | None = None, *, force: bool = False, progress: bool = True) -> dict:
-        """Filter maps, gate heatmaps and insertion / deletion curves under ``explain/`` (see
-        :mod:`wfnet.explain`). Returns ``{"report": path, "figures": {name: path}}``."""
-        from .explain import explain_run
-
-        o = options or ExplainConfig()
-        try:
-            return explain_run(self, layers=o.layers, force=force, top_k=o.top_k, min_classes=o.min_classes,
-                               max_classes=o.max_classes, insdel_steps=o.insdel_steps, progress=progress,
-                               test_limit=o.test_limit)
-        except ValueError as exc:
-            raise RunError(str(exc)) from None
+    @staticmethod
+    def discard(path: Path) -> None:
+        """Remove an interrupted stage's leftovers (a pending folder made with other options)."""
+        shutil.rmtree(path)
 
 
-def _dir_options(d: Path) -> dict | None:
+def dir_options(d: Path) -> dict | None:
     """The options the baseline models in folder ``d`` were made with (None: no model)."""
-    from .checkpoint import read_state_meta
-
     for p in sorted(d.glob("class_*.safetensors")) if d.exists() else []:
         return read_state_meta(p).get("options")
     return None
 
 
-def _baseline_summary(method: str, d: Path, extra: dict | None = None) -> dict:
+def baseline_summary(method: str, d: Path, extra: dict | None = None) -> dict:
     """Seconds per class and in total, from the models' own metadata (plus ``extra`` {class: meta} not yet
     moved in)."""
-    from .checkpoint import read_state_meta
-
     metas = {int(p.stem.split("_")[1]): read_state_meta(p) for p in d.glob("class_*.safetensors")} \
         if d.exists() else {}
     metas.update(extra or {})
@@ -674,8 +414,6 @@ def _baseline_summary(method: str, d: Path, extra: dict | None = None) -> dict:
 
 
 def _load_data(name, root, image_size, **kw):
-    from .data import load_dataset
-
     try:
         return load_dataset(name, root, image_size, **kw)
     except (FileNotFoundError, ValueError) as exc:

@@ -118,8 +118,7 @@ def retrain_without(run, members: Sequence[int], progress: bool = False):
     """The run's architecture trained from scratch, with the run's training options, on its training set without
     the classes of ``members``; cached in ``retrain_path(run, members)`` (reused when the original is unchanged)."""
     from .checkpoint import load_model_weights, read_state_meta, save_model
-    from .config import TrainConfig
-    from .train import train_classifier
+    from .train import TrainConfig, train_classifier
 
     path = retrain_path(run, members)
     stamp = run.original_info().get("stamp")

@@ -1,6 +1,6 @@
 """Single-round multi-class untraining: teach the gates of a wrapped model to forget ANY class on demand.
 
-One mini-batch of B samples trains all class rows at once by *label expansion* (method.md section 3):
+One mini-batch of B samples trains all class rows at once by *label expansion* (docs/method.md section 3):
 
 * forget half (B/2 samples): each runs with row = its own label; its cross-entropy CE_f should go UP;
 * retain half (B/2 samples), replicated ``chi`` times: each copy runs with a row drawn uniformly among the classes
@@ -13,7 +13,7 @@ the gates learn to compose (measured in docs/results/sets).
 One forward pass over the B/2 + chi*B/2 samples (each with its own row), then
 
     L = lambda_retain * mean(CE_r) + lambda_forget * F(CE_f) + lambda_reg * R(alpha)
-    R(alpha) = mean over every filtered gate entry of (1 - sigmoid(alpha))        (**decision**, method.md)
+    R(alpha) = mean over every filtered gate entry of (1 - sigmoid(alpha))        (**decision**, docs/method.md section 3)
     F = mean(1 / (CE_f + eps))   ("mean_inverse", the paper's Eq. 3)   or   1 / (mean(CE_f) + eps)  ("inverse_mean")
 
 Only the gates train; the original weights stay frozen and the whole network runs in eval mode (**decision**:
@@ -25,7 +25,7 @@ Two recipes (every value can be overridden):
   paper's "learning rate 100" is meaningless for Adam), lambdas (1, 10, 1) for CNNs and (1, 100, 1) for ViTs,
   ``mean_inverse`` with eps 1e-6 (**decision**: the guard against division by zero), alpha init 3, batch 128, chi 3,
   early stopping with patience 10 validations, 5 validations per epoch on the validation loss.
-* ``tuned`` (the default): what our MNIST calibration (method.md section 6, and docs/recipes.md) showed to keep
+* ``tuned`` (the default): what our MNIST calibration (docs/method.md section 6, and docs/recipes.md) showed to keep
   retain accuracy: Adam lr 0.1, gate logits clamped to [-6, 6] after every step so sigmoid' never vanishes (with lr
   100 the gates saturate and never reopen), eps 0.05 so one very confident forget sample (CE ~ 0.01 -> 1/CE ~ 100)
   cannot dominate a batch, and a 20x heavier retain weight (lambda0 = 20, lambda1 = 10, lambda2 = 1). Same label
@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -55,21 +55,95 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .config import RECIPES, UntrainConfig, recipe
-from .checkpoint import load_state, optimizer_from_flat, optimizer_to_flat, save_state
+from . import files
+from . import metrics
+from .backends import BackendUnavailableError
+from .checkpoint import load_state, optimizer_from_flat, optimizer_to_flat, read_state_meta, save_state
+from .config import opt, with_defaults
 from .distributed import DistInfo, all_reduce_mean, shard
-from .model import classifier_head
-from .train import autocast
-from .model import WFModel
+from .errors import RunError
+from .model import WFModel, classifier_head
+from .report import accuracy_md
+from .run import (FILTERS, RESULTS_JSON, RESULTS_MD, UNTRAIN_STATE, UNTRAIN_SUMMARY, Run, differences, new_stamp,
+                  one_line)
+from .seeds import derive_seed
+from .serialization import load_filters, save_filters
 from .sets import DEFAULT_COMPOSITION, use_composition
+from .train import autocast, make_loader
 
-__all__ = ["untrain_step", "UntrainConfig", "recipe", "expand_batch", "expand_batch_sets", "untrain_loss", "gate_regulariser", "untrain", "RECIPES",
-           "model_kind", "options_key"]
+__all__ = ["untrain_step", "UntrainConfig", "recipe", "expand_batch", "expand_batch_sets", "untrain_loss",
+           "gate_regulariser", "untrain", "RECIPES", "options_key", "saved_options", "config_for", "run"]
+
+RECIPES = ("paper", "tuned")
 
 
-def model_kind(wf: WFModel) -> str:
-    """"vit" when attention projections are filtered (any family: qkv Linear, MHA in-projection, ...), else "cnn"."""
-    return wf.kind
+@dataclass
+class UntrainConfig:
+    """One untraining round (``wfnet untrain``); the defaults are the ``tuned`` recipe for CNNs (see
+    :func:`recipe` and :mod:`wfnet.untrain`)."""
+    recipe: str = opt("tuned", "tuned (Adam, clamped gates) or paper (SGD lr 100, the paper's lambdas); every "
+                               "value below defaults to the recipe's", choices=RECIPES)
+    targets: str | list[str] = opt("auto", "layers to filter: auto, or comma-separated module names / glob "
+                                             "patterns")
+    optimizer: str = opt("adam", "optimizer on the gate logits", choices=("sgd", "adam"))
+    lr: float = opt(0.1, "learning rate on the gate logits")
+    lambda_retain: float = opt(20.0, "lambda0, weight of the mean cross-entropy on retained rows")
+    lambda_forget: float = opt(10.0, "lambda1, weight of the reciprocal forget cross-entropy")
+    lambda_reg: float = opt(1.0, "lambda2, weight of R = mean(1 - sigmoid(alpha))")
+    lambda_feature: float = opt(0.0, "weight of the feature-level forget term (0 = off): each forget sample's "
+                                      "penultimate features are pulled toward a random retain sample's, so class c "
+                                      "stops being decodable from the features (issue 14; see docs/results)")
+    forget_loss: str = opt("mean_inverse", "mean_inverse = mean(1/(CE_f+eps)) (the paper's), inverse_mean = "
+                                           "1/(mean(CE_f)+eps)", choices=("mean_inverse", "inverse_mean"))
+    eps: float = opt(0.05, "guard in 1/(CE_f + eps)")
+    alpha_clamp: float | None = opt(6.0, "clamp the gate logits to [-c, c] after each step (0 or less: no clamp)")
+    chi: int = opt(3, "copies of the retain half in label expansion")
+    set_size: int = opt(0, "label expansion with forget SETS: every expanded sample runs with a random set of 1..K "
+                           "classes (the forget half's sets hold its label, the retain half's do not), so that "
+                           "composed sets keep retain accuracy (0 = one class row per sample, the paper's; see "
+                           "docs/results/sets)")
+    set_composition: str = opt("relative", "how a set's gates compose in untraining with --set-size (and then in "
+                                           "evaluation of those gates): product, min or relative (wfnet.sets)",
+                               choices=("product", "min", "relative"))
+    batch_size: int = opt(128, "mini-batch size before label expansion")
+    init: float = opt(3.0, "initial gate logit (3 -> sigmoid 0.95)")
+    amp: str = opt("off", "bf16: untrain under bfloat16 autocast (gates and their optimizer stay fp32)",
+                   choices=("off", "bf16"))
+    max_epochs: int = opt(10, "epochs at most")
+    max_steps: int | None = opt(None, "steps at most (default: max_epochs decides); the last step is validated")
+    patience: int = opt(10, "validations without improvement before early stopping")
+    val_per_epoch: int = opt(5, "validations per epoch")
+    seed: int = opt(0, "seed of the data order and of the random rows")
+    num_workers: int = opt(0, "DataLoader worker processes", flag=False)
+
+
+def recipe(name: str = "tuned", kind: str = "cnn", **overrides) -> UntrainConfig:
+    """The ``paper`` or ``tuned`` recipe for a backbone of kind ``kind`` (:attr:`wfnet.WFModel.kind`), with overrides (None = keep the recipe's
+    value; an ``alpha_clamp`` of 0 or less = no clamp)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}: use one of {', '.join(RECIPES)}")
+    if kind not in ("cnn", "vit"):  # WFModel.kind, the one home of a model's kind
+        raise ValueError(f"kind must be 'cnn' or 'vit' (WFModel.kind), got {kind!r}")
+    if name == "paper":
+        cfg = UntrainConfig(recipe="paper", optimizer="sgd", lr=100.0, lambda_retain=1.0,
+                            lambda_forget=100.0 if kind == "vit" else 10.0, lambda_reg=1.0,
+                            forget_loss="mean_inverse", eps=1e-6, alpha_clamp=None)
+    elif kind == "vit":
+        # ViT qkv gates move slowly under the CNN lambdas (docs/results/calibration_mnist_cpu.md, section 3): the
+        # paper's lambda1 = 100 for ViTs, balanced by a retain weight of 200 (ViT-T at 98.08 %, full MNIST test,
+        # 300 steps: 200 -> Acc_r drop 1.47 / Acc_f 0.80; 100 at 200 steps -> 2.36 / 0.93; docs/results/
+        # reproduce_mnist_cpu/README.md).
+        cfg = UntrainConfig(lambda_retain=200.0, lambda_forget=100.0)
+    else:
+        cfg = UntrainConfig()
+    known = {f.name for f in fields(UntrainConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown untraining option(s) {sorted(unknown)}")
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None and k != "recipe"})
+    if cfg.alpha_clamp is not None and cfg.alpha_clamp <= 0:
+        cfg.alpha_clamp = None
+    return cfg
 
 
 def expand_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, chi: int, generator: torch.Generator):
@@ -154,7 +228,7 @@ def feature_forget_term(features: torch.Tensor, n_forget: int, generator: torch.
 
 def untrain_loss(logits, labels, n_forget: int, params, cfg: UntrainConfig, features: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """The loss of method.md section 3 on one expanded batch; returns (loss, {"forget_ce", "retain_ce", "reg", ...}).
+    """The loss of docs/method.md section 3 on one expanded batch; returns (loss, {"forget_ce", "retain_ce", "reg", ...}).
     With ``cfg.lambda_feature > 0``, ``features`` (the classifier head's input) and ``generator`` add
     :func:`feature_forget_term`."""
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
@@ -241,7 +315,8 @@ def untrain_step(model, params, opt, x: torch.Tensor, y: torch.Tensor, num_class
 
 
 def _rows_generator(seed: int, epoch: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step)
+    """The random rows (and sets) of one step: a function of (seed, epoch, step), so a resumed run draws the same."""
+    return torch.Generator().manual_seed(derive_seed(seed, "untrain-rows", epoch, step))
 
 
 @torch.no_grad()
@@ -338,7 +413,8 @@ def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig,
                dynamic_ncols=True)
     while st["stopped"] is None and st["epoch"] < cfg.max_epochs:
         epoch = st["epoch"]
-        perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(
+            derive_seed(cfg.seed, "untrain-order", epoch)))
         order = perm[st["step"] * cfg.batch_size:].tolist()
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=order, num_workers=cfg.num_workers)
         for x, y in loader:
@@ -387,3 +463,120 @@ def options_key(cfg: UntrainConfig) -> dict:
     d = asdict(cfg)
     d.pop("num_workers")
     return d
+
+
+def saved_options(run: Run) -> dict | None:
+    """The untraining options of the run's gates, completed with the defaults of options added since (None: no
+    gates), comparable with :func:`options_key`."""
+    saved = run.untrain_options()
+    if saved is None:
+        return None
+    full = with_defaults(UntrainConfig, saved)
+    full.pop("num_workers", None)
+    return full
+
+
+def config_for(run: Run, **options) -> UntrainConfig:
+    """The full untraining options for ``run``: ``options`` over the recipe's values (``recipe``, default tuned;
+    None = the recipe's value), for the run's kind of backbone (:attr:`WFModel.kind`)."""
+    wf = run.wrapped(gates=False, targets=options.get("targets") or "auto")
+    try:
+        return recipe(options.get("recipe") or "tuned", wf.kind, **options)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+
+def run(run: Run, cfg: UntrainConfig | None = None, *, force: bool = False, resume: bool = False,
+        progress: bool = True) -> dict | None:
+    """The ``untrain`` stage: train the gates of ``run`` for every class in one round and commit them with their
+    results (``filters.safetensors``, ``untrain_summary.json``, ``results.{json,md}``). ``cfg``: a full
+    :class:`UntrainConfig` (:func:`config_for` builds one from a recipe); default: the tuned recipe. Gates made
+    with other options are replaced only with ``force``, and only once the new ones are trained; a damaged filters
+    file is replaced with ``force``; an interrupted untraining is continued with ``resume`` or discarded with
+    ``force``, never silently. Returns the results (None on non-main ranks)."""
+    cfg = cfg or config_for(run)
+    key = options_key(cfg)
+    try:
+        current = saved_options(run)
+    except files.CorruptFileError:
+        if not force:
+            raise
+        # --force replaces the gates whatever they hold; a damaged file holds nothing worth keeping
+        run.say(f"{run.run_dir / FILTERS} is damaged or truncated; --force: untraining anew to replace it")
+        current = None
+    if current is not None and current != key and not force:
+        raise RunError(f"{run.run_dir} already holds gates untrained with other options "
+                       f"({differences(current, key)}); pass --force to replace them (the old ones stay until "
+                       f"the new ones are trained), or copy the run folder")
+    state = run.run_dir / UNTRAIN_STATE
+    if resume and state.exists() and read_state_meta(state).get("config") != key:
+        raise RunError(f"--resume: the interrupted untraining in {run.run_dir} used other options "
+                       f"({differences(read_state_meta(state).get('config') or {}, key)}); resume with those, "
+                       f"or start over without --resume")
+    if current == key:
+        done = run.results()
+        if done is not None:
+            run.say(f"{run.run_dir}: already untrained with these options; results in {run.run_dir / RESULTS_MD}")
+            return {**done, "markdown": (run.run_dir / RESULTS_MD).read_text(encoding="utf-8")}
+    if not resume and not force and state.exists():
+        # a killed untraining left its state: starting over silently would throw that work away
+        raise RunError(f"{run.run_dir} holds an interrupted untraining ({state.name}): pass --resume to "
+                       f"continue it (with the same options), or --force to discard it and start over")
+    wf = run.wrapped(gates=False, targets=cfg.targets)
+    run.say(f"{run.run_dir}: {wf.plan.one_line(wf.num_classes)}")
+    bundle = run.data
+    try:  # the real model on one real sample: an unusable backend fails here, before any training
+        with torch.no_grad():
+            wf(bundle.train[0][0][None].to(run.device), forget=0)
+    except BackendUnavailableError as exc:
+        raise RunError(one_line(exc)) from None
+    if current == key and (run.run_dir / UNTRAIN_SUMMARY).exists():
+        # the gates exist, only their results are missing (deleted by hand): evaluate them, no retraining
+        load_filters(wf, run.run_dir / FILTERS)
+        summary = files.read_json(run.run_dir / UNTRAIN_SUMMARY)
+        return _commit(run, wf, cfg, summary, new_gates=False, progress=progress)
+    run.say(f"untraining {len(wf.layer_names)} filtered layers ({wf.num_filter_parameters()} gate parameters) "
+            f"for all {run.num_classes} classes, {cfg.recipe} recipe, on {run.device}")
+    try:
+        summary = untrain(wf, bundle.train, bundle.val, cfg, run.device, state_path=state, resume=resume,
+                          info=run.info, progress=progress)
+    except BackendUnavailableError as exc:
+        raise RunError(one_line(exc)) from None
+    if not run.info.is_main:
+        return None
+    run.say(f"{summary['stopped']} after {summary['steps']} steps ({summary['seconds']:.0f} s)")
+    return _commit(run, wf, cfg, summary, new_gates=True, progress=progress)
+
+
+def _commit(run: Run, wf: WFModel, cfg: UntrainConfig, summary: dict, new_gates: bool, progress: bool) -> dict:
+    """Measure Acc_f / Acc_r of the original and of the gates on the test set and commit the gates (when new) with
+    their summary and results; what described older gates leaves in the same step."""
+    key = options_key(cfg)
+    stamp = new_stamp() if new_gates else run.filters_meta()["stamp"]
+    wf.eval()
+    loader = make_loader(run.data.test, 512)
+    classes = range(run.num_classes)
+    orig_acc = metrics.accuracy_forget_retain_shared(run.original_model(), loader, classes, run.device)
+    wf_acc = metrics.accuracy_forget_retain(lambda c: (lambda x: wf(x, forget=c)), loader, classes, run.device,
+                                            progress=progress)
+    results = {"run": str(run.run_dir), "model": run.config["model"], "dataset": run.config["dataset"],
+               "recipe": cfg.recipe, "untrain_seconds": summary["seconds"], "filters_stamp": stamp,
+               "untrain": key, "original": orig_acc, "wf_net": wf_acc}
+    summary = {**summary, "filters_stamp": stamp, "untrain": key}
+    md = accuracy_md(run.class_names, orig_acc, wf_acc, cfg.recipe, summary["seconds"], run.config["dataset"],
+                     run.config["model"])
+    new = [UNTRAIN_SUMMARY, RESULTS_JSON, RESULTS_MD]
+    stale = []
+    if new_gates:  # what described the old gates leaves as the new ones land
+        stale = [*run.gate_derived(), UNTRAIN_STATE]
+        meta = {"stamp": stamp, "original_stamp": run.original_info()["stamp"], "untrain": key,
+                "dataset": run.config["dataset"]}
+        save_filters(wf, run.stage_path(FILTERS), meta)
+        new.append(FILTERS)
+    files.write_json(run.stage_path(UNTRAIN_SUMMARY), summary)
+    files.write_json(run.stage_path(RESULTS_JSON), results)
+    files.write_text(run.stage_path(RESULTS_MD), md)
+    run.commit(new=new, stale=stale)
+    run.say(f"saved {run.run_dir / FILTERS}")
+    results["markdown"] = md
+    return results
