@@ -123,9 +123,14 @@ def test_run_audit_over_subjects_and_classes():
             wf.model.conv.alpha_weight[c].fill_(3.0)
     subjects = [audit.AuditSubject("original", lambda c: (wf, lambda m, t: m(t)), skip={"relearn_fewshot"}),
                 audit.AuditSubject("WF-Net", lambda c: (wf, lambda m, t, c=c: m(t, forget=c)))]
-    res = audit.run_audit(subjects, train, val, test, [0, 2], "cpu", shots=(5,), steps=3, max_samples=30)
-    assert set(res["per_class"]["original"]) == {"mia", "probe"}
-    assert set(res["per_class"]["WF-Net"]) == {"mia", "probe", "relearn_k5_head", "relearn_k5_full"}
+    res = audit.run_audit(subjects, train, val, test, [0, 2], "cpu", shots=(5,), steps=3, max_samples=30,
+                          retain_steps=3, retain_samples=30)
+    # the original gets the retain-only fine-tuning (the top of that metric's range), not the k-shot attack
+    assert set(res["per_class"]["original"]) == {"mia", "probe", "relearn_retain"}
+    assert set(res["per_class"]["WF-Net"]) == {"mia", "probe", "relearn_k5_head", "relearn_k5_full", "relearn_retain"}
+    assert res["protocol"]["retain_steps"] == 3 and "Retain-only relearning" in audit.audit_markdown(res)
+    with pytest.raises(ValueError, match="retain_steps >= 1"):
+        audit.run_audit(subjects, train, val, test, [0], "cpu", metrics=["relearn_retain"], retain_steps=0)
     assert set(res["per_class"]["WF-Net"]["probe"]) == {0, 2}
     assert all(0.0 <= v <= 1.0 for r in res["mean"].values() for v in r.values())
     md = audit.audit_markdown(res)
@@ -135,7 +140,7 @@ def test_run_audit_over_subjects_and_classes():
 
 
 def test_evaluate_writes_the_audit_table_next_to_table1(tmp_path):
-    """`wfnet evaluate --metrics mia,probe,relearn_fewshot` on a tiny run: eval/audit.{md,json} with the reference
+    """`wfnet evaluate --metrics mia,probe,relearn_fewshot,relearn_retain` on a tiny run: eval/audit.{md,json} with the reference
     rows, and the stamps of the models it measured; Tables 1 / 2 are left alone."""
     import json
 
@@ -148,12 +153,23 @@ def test_evaluate_writes_the_audit_table_next_to_table1(tmp_path):
     assert main(["untrain", str(run), "--max-epochs", "1", *common]) == 0
     assert main(["evaluate", str(run), "--metrics", "acc", *common]) == 0
     table1 = (run / "eval" / "table1.md").read_text()
-    assert main(["evaluate", str(run), "--metrics", "mia,probe,relearn_fewshot", "--classes", "0,3",
-                 "--audit-shots", "5", "--audit-steps", "2", "--audit-samples", "60", *common]) == 0
+    audit_args = ["evaluate", str(run), "--metrics", "mia,probe,relearn_fewshot,relearn_retain", "--classes", "0,3",
+                  "--audit-shots", "5", "--audit-steps", "2", "--audit-samples", "60", "--retain-steps", "3",
+                  "--retain-samples", "50"]
+    assert main([*audit_args, *common]) == 0
     res = json.loads((run / "eval" / "audit.json").read_text())
     assert set(res["mean"]) == {"original", "WF-Net (row c)", "WF-Net hard export (T=0.5)"}
-    assert set(res["mean"]["WF-Net (row c)"]) == {"mia", "probe", "relearn_k5_head", "relearn_k5_full"}
+    assert set(res["mean"]["WF-Net (row c)"]) == {"mia", "probe", "relearn_k5_head", "relearn_k5_full",
+                                                  "relearn_retain"}
+    assert set(res["mean"]["original"]) == {"mia", "probe", "relearn_retain"}
+    assert res["protocol"]["retain_steps"] == 3 and res["protocol"]["retain_samples"] == 50
     assert res["classes"] == [0, 3] and res["stamps"]["wfnet"]
-    assert "| WF-Net (row c) |" in (run / "eval" / "audit.md").read_text()
+    md = (run / "eval" / "audit.md").read_text()
+    assert "| WF-Net (row c) |" in md and "Acc_f after retain-only fine-tuning" in md
+    # the retain-only budget is part of what the cached audit answers: another budget recomputes it
+    assert main([*audit_args, *common]) == 0
+    assert json.loads((run / "eval" / "audit.json").read_text())["per_class"] == res["per_class"]
+    assert main([*audit_args[:-4], "--retain-steps", "4", "--retain-samples", "50", *common]) == 0
+    assert json.loads((run / "eval" / "audit.json").read_text())["protocol"]["retain_steps"] == 4
     # an audit-only request leaves Table 1 (all classes) as it was, not rewritten for classes 0 and 3
     assert (run / "eval" / "table1.md").read_text() == table1

@@ -1,6 +1,6 @@
 """The unlearning audit: what is left of a forgotten class beyond the accuracy numbers (docs/method.md section 8).
 
-Three measurements, each applied the same way to WF-Net (run with row c), its hard export, the baselines and the
+Four measurements, each applied the same way to WF-Net (run with row c), its hard export, the baselines and the
 model retrained without class c (the reference):
 
 * ``mia``: membership-inference efficacy (Unlearn-Sparse / SalUn's ``SVC_MIA``, the "confidence" variant both papers
@@ -18,6 +18,10 @@ model retrained without class c (the reference):
   class c mixed with k images per retain class for a fixed number of steps, either the head only or the whole
   network (for WF-Net: the weights with the row-c gates held fixed, as an attacker who holds the served model
   would); report Acc_f after the attack (lower = the knowledge is harder to bring back).
+* ``relearn_retain``: retain-only relearning (:mod:`wfnet.retain_relearn`): fine-tune every weight of the model under
+  test (WF-Net: the backbone with the row-c gates applied and fixed) on retain-class training samples only, with no
+  image of class c, for ``retain_steps`` steps; report Acc_f after it. The original and the retrained model get the
+  same fine-tuning (the range).
 
 **decision**: the SVC of ``mia`` uses scikit-learn's ``SVC(C=3, gamma="auto", kernel="rbf")`` as in Unlearn-Sparse;
 the probe is ``LogisticRegression(max_iter=1000)`` on standardised features; the attack uses SGD (lr 0.01, momentum
@@ -44,23 +48,29 @@ from .data import labels_of
 from .errors import RunError
 from .model import HARD_EXPORT_THRESHOLD, classifier_head, export  # classifier_head: re-exported here
 from .report import method_label
+from .retain_relearn import RETAIN_LR, RETAIN_POOL, RETAIN_STEPS, relearn_retain, retain_pool
 from .run import Run
 from .seeds import derive_seed
 
 __all__ = ["true_class_confidence", "mia_efficacy", "probe_accuracy", "classifier_head", "penultimate_features",
            "relearn_fewshot", "AuditSubject", "run_audit", "audit_markdown", "AUDIT_METRICS", "AuditConfig", "run"]
 
-AUDIT_METRICS = ("mia", "probe", "relearn_fewshot")  # on request: `wfnet evaluate --metrics mia,probe,...`
+AUDIT_METRICS = ("mia", "probe", "relearn_fewshot", "relearn_retain")  # on request: `wfnet evaluate --metrics mia,probe,...`
 
 
 @dataclass
 class AuditConfig:
-    """The unlearning audit's protocol (``wfnet evaluate --metrics mia,probe,relearn_fewshot``)."""
+    """The unlearning audit's protocol (``wfnet evaluate --metrics mia,probe,relearn_fewshot,relearn_retain``)."""
     audit_samples: int = opt(1000, "audit: samples per set (MIA members / non-members / targets, probe fit)")
     audit_shots: list[int] | None = opt_list("audit: images of the class per k-shot relearning attack (default: "
                                              "10,50)")
     audit_steps: int = opt(50, "audit: SGD steps of each relearning attack")
     hard_threshold: float = opt(HARD_EXPORT_THRESHOLD, "audit: gate threshold of the hard export it also audits")
+    retain_steps: int = opt(RETAIN_STEPS, "audit: SGD steps of the retain-only relearning (relearn_retain)")
+    retain_lr: float = opt(RETAIN_LR, "audit: learning rate of the retain-only relearning (SGD, momentum 0.9)")
+    retain_samples: int = opt(RETAIN_POOL, "audit: retain-class training samples the retain-only relearning draws "
+                                           "its batches from")
+    audit_seed: int = opt(0, "audit: seed of every sample draw and attack of the audit")
 
 
 # ----------------------------------------------------------------------------------------------------------- MIA
@@ -207,7 +217,8 @@ def _logits(model, forward, x: torch.Tensor, device, batch: int = 256) -> torch.
 
 def run_audit(subjects: list[AuditSubject], train_ds, val_ds, test_ds, classes: Iterable[int], device,
               metrics: Iterable[str] = AUDIT_METRICS, shots: tuple[int, ...] = (10, 50), steps: int = 50,
-              max_samples: int = 1000, seed: int = 0, progress: bool = False) -> dict:
+              max_samples: int = 1000, seed: int = 0, progress: bool = False, retain_steps: int = RETAIN_STEPS,
+              retain_lr: float = RETAIN_LR, retain_samples: int = RETAIN_POOL) -> dict:
     """Every audit metric for every subject and class; returns ``{"per_class": {subject: {metric: {c: value}}},
     "mean": {subject: {metric: value}}, "protocol": {...}}``.
 
@@ -215,12 +226,17 @@ def run_audit(subjects: list[AuditSubject], train_ds, val_ds, test_ds, classes: 
     non-members = as many retain-class test samples, target = up to ``max_samples`` class-c training samples. Probe
     fitted on up to ``max_samples`` validation samples of all classes, scored on class c's test samples. Relearn:
     pool = ``k`` class-c training images + ``k`` per retain class, ``steps`` SGD steps, head only and full network,
-    scored on class c's test samples (metrics ``relearn_k{k}_head`` / ``relearn_k{k}_full``).
+    scored on class c's test samples (metrics ``relearn_k{k}_head`` / ``relearn_k{k}_full``). Retain-only
+    relearning: up to ``retain_samples`` retain-class training images, ``retain_steps`` SGD steps at ``retain_lr``,
+    every weight (metric ``relearn_retain``; every subject, the original included).
     """
     metrics = list(metrics)
     unknown = set(metrics) - set(AUDIT_METRICS)
     if unknown:
         raise ValueError(f"unknown audit metric(s) {sorted(unknown)}: choose from {', '.join(AUDIT_METRICS)}")
+    if "relearn_retain" in metrics and (retain_steps < 1 or not retain_lr > 0 or retain_samples < 1):
+        raise ValueError(f"relearn_retain needs retain_steps >= 1, retain_lr > 0 and retain_samples >= 1, got "
+                         f"{retain_steps}, {retain_lr}, {retain_samples}")
     classes = list(classes)
     y_train, y_val, y_test = labels_of(train_ds), labels_of(val_ds), labels_of(test_ds)
     per_class: dict = {s.name: {} for s in subjects}
@@ -238,6 +254,9 @@ def run_audit(subjects: list[AuditSubject], train_ds, val_ds, test_ds, classes: 
         for k in shots:
             idx = torch.cat([_pick(y_train, y_train == r, k, g) for r in sorted(set(y_train.tolist()))])
             pools[k] = _stack(train_ds, idx)
+        if "relearn_retain" in metrics:
+            retain_x, retain_y = _stack(train_ds, retain_pool(
+                y_train, c, retain_samples, torch.Generator().manual_seed(derive_seed(seed, "audit-retain", c))))
         for s in subjects:
             model, forward = s.model_for(c)
             out = per_class[s.name]
@@ -257,6 +276,10 @@ def run_audit(subjects: list[AuditSubject], train_ds, val_ds, test_ds, classes: 
                                          ("full", _attackable)):
                         out.setdefault(f"relearn_k{k}_{mode}", {})[c] = relearn_fewshot(
                             model, forward, params, px, py, eval_x, eval_y, c, steps, device, seed=seed)
+            if "relearn_retain" in metrics and "relearn_retain" not in s.skip:
+                out.setdefault("relearn_retain", {})[c] = relearn_retain(
+                    model, forward, _attackable, retain_x, retain_y, eval_x, eval_y, c, device, steps=retain_steps,
+                    lr=retain_lr, seed=derive_seed(seed, "audit-retain-order", c))
             bar.update(1)
     bar.close()
     mean = {name: {m: float(np.mean(list(v.values()))) for m, v in res.items()} for name, res in per_class.items()}
@@ -267,7 +290,12 @@ def run_audit(subjects: list[AuditSubject], train_ds, val_ds, test_ds, classes: 
                          "probe": "logistic regression on standardised penultimate features of validation samples "
                                   "(all classes); value = accuracy on class-c test samples",
                          "relearn": f"SGD lr 0.01 momentum 0.9, {steps} steps, batch <= 64, pool = k class-c + k per "
-                                    f"retain class training images; value = Acc_f after the attack"}}
+                                    f"retain class training images; value = Acc_f after the attack",
+                         "relearn_retain": f"SGD lr {retain_lr:g} momentum 0.9, {retain_steps} steps, batch <= 64, "
+                                           f"every weight (WF-Net: row-c gates applied and fixed), pool = up to "
+                                           f"{retain_samples} retain-class training images, no image of class c; "
+                                           f"value = Acc_f after the fine-tuning",
+                         "retain_steps": retain_steps, "retain_lr": retain_lr, "retain_samples": retain_samples}}
 
 
 def _batches(x, y, batch: int = 256):
@@ -287,15 +315,18 @@ def audit_markdown(result: dict, title: str = "Audit") -> str:
         for m in res:
             if m not in cols:
                 cols.append(m)
-    names = {"mia": "MIA efficacy (up)", "probe": "probe acc. on c (down)"}
+    names = {"mia": "MIA efficacy (up)", "probe": "probe acc. on c (down)",
+             "relearn_retain": "Acc_f after retain-only fine-tuning (down)"}
     head = [names.get(c, c.replace("relearn_", "Acc_f after ") + " (down)") for c in cols]
     lines = [f"## {title}", "", f"Mean over classes {result['classes']}; values in [0, 1].", "",
              "| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(cols)]
     for name, res in result["mean"].items():
         lines.append(f"| {name} | " + " | ".join(f"{res[c]:.3f}" if c in res else "-" for c in cols) + " |")
     p = result["protocol"]
-    lines += ["", f"- MIA: {p['mia']}.", f"- Probe: {p['probe']}.", f"- Relearn: {p['relearn']}.",
-              f"- Up to {p['max_samples']} samples per set, seed {p['seed']}."]
+    lines += ["", f"- MIA: {p['mia']}.", f"- Probe: {p['probe']}.", f"- Relearn: {p['relearn']}."]
+    if "relearn_retain" in p and "relearn_retain" in cols:  # audits saved before the metric existed lack the key
+        lines.append(f"- Retain-only relearning: {p['relearn_retain']}.")
+    lines.append(f"- Up to {p['max_samples']} samples per set, seed {p['seed']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -304,7 +335,8 @@ def run(run: Run, cfg: AuditConfig, metrics, methods, classes_of: dict, *, force
     """The ``audit`` stage (:mod:`wfnet.evaluate` calls it for the audit metrics): the audit of the run's models,
     written to ``eval/audit.{md,json}``.
 
-    Subjects: the original (reference; no relearning attack), WF-Net run with row c, its hard export at
+    Subjects: the original (reference; no k-shot attack, but the retain-only fine-tuning: its Acc_f after it is the
+    upper end of that metric's range), WF-Net run with row c, its hard export at
     ``cfg.hard_threshold``, and every baseline in ``methods`` ("retrain" is the reference a forgetting method is
     compared with). Classes: those every audited model has (``classes_of``). The JSON names the stamps of the models
     it measured and the request (metrics, methods, classes, protocol): when both still match, the audit is read
@@ -341,7 +373,9 @@ def run(run: Run, cfg: AuditConfig, metrics, methods, classes_of: dict, *, force
                                                                                       lambda m, t: m(t))))
     data = run.data
     result = run_audit(subjects, data.train, data.val, data.test, classes, run.device, metrics=metrics,
-                       shots=tuple(shots), steps=cfg.audit_steps, max_samples=cfg.audit_samples, progress=progress)
+                       shots=tuple(shots), steps=cfg.audit_steps, max_samples=cfg.audit_samples, seed=cfg.audit_seed,
+                       progress=progress, retain_steps=cfg.retain_steps, retain_lr=cfg.retain_lr,
+                       retain_samples=cfg.retain_samples)
     md = audit_markdown(result, f"Audit: {run.config.get('dataset', '?')} / {run.config.get('model', '?')}")
     payload = {**result, "stamps": stamps, "hard_threshold": cfg.hard_threshold, "request": request}
     files.write_json(files.staging_path(root, "eval/audit.json"), files.json_safe(payload))

@@ -215,7 +215,8 @@ def run_baselines(args):
 def configure_evaluate(p):
     _run_arg(p)
     add_options(p, _stage("evaluate").EvalConfig, title="evaluation")
-    add_options(p, _stage("audit").AuditConfig, title="the unlearning audit (--metrics mia,probe,relearn_fewshot)")
+    add_options(p, _stage("audit").AuditConfig,
+                title="the unlearning audit (--metrics mia,probe,relearn_fewshot,relearn_retain)")
     p.add_argument("--force", action="store_true", help="recompute cached results (default: off)")
     g = p.add_argument_group("forget sets (a request with sets evaluates the sets only: eval/sets.{md,json})")
     g.add_argument("--sets", nargs="+", type=_class_set, default=None, metavar="C,C[,...]",

@@ -3,8 +3,8 @@
 :func:`run` (the ``evaluate`` stage, options :class:`EvalConfig`) computes every metric of :mod:`wfnet.metrics` for the original model, WF-Net and each baseline
 present in the run (insertion / deletion for WF-Net only; RT not for the original) and writes Table 1 (Acc_r, Acc_f,
 ZRF, RT) and Table 2 (insertion, deletion) as markdown and JSON under ``run_dir/eval/`` (rendered by
-:mod:`wfnet.report`), in one commit. The audit metrics (``mia``, ``probe``, ``relearn_fewshot``) go to
-:func:`wfnet.audit.run` (``eval/audit.{md,json}``).
+:mod:`wfnet.report`), in one commit. The audit metrics (``mia``, ``probe``, ``relearn_fewshot``, ``relearn_retain``)
+go to :func:`wfnet.audit.run` (``eval/audit.{md,json}``).
 
 Caching: each (metric, method) pair has its own file ``run_dir/eval/<metric>_<method>.json`` holding the
 parameters it was computed with and one entry per class, written (atomically) after every class. Each entry names
