@@ -46,13 +46,13 @@ import statistics
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench_ops import count_host_syncs  # noqa: E402  (one sync counter for the benchmarks; bench/ is on sys.path)
+from bench_ops import count_host_syncs  # noqa: E402  (bench/ is on sys.path)
+from wfnet import profiling  # noqa: E402  (host syncs and GPU timing: one home, wfnet.profiling)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -113,14 +113,6 @@ class PeakRSS:
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
 
 
-def _quantiles(bench, fn, **kw):
-    try:
-        med, lo, hi = bench(fn, quantiles=[0.5, 0.2, 0.8], **kw)
-        return float(med), float(lo), float(hi)
-    except TypeError:  # a triton without quantiles: still the median, never the mean
-        return float(bench(fn, return_mode="median", **kw)), None, None
-
-
 def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -138,8 +130,6 @@ def measure(fn, device: str, quick: bool, rss: PeakRSS, graph: bool) -> dict:
     g1 = compiled_graphs()
     res = {"first_call_s": round(first_s, 3)}
     if device == "cuda":
-        import triton.testing
-
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -147,24 +137,11 @@ def measure(fn, device: str, quick: bool, rss: PeakRSS, graph: bool) -> dict:
         torch.cuda.synchronize()
         res["peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
         res["syncs"] = count_host_syncs(fn)
-        med, lo, hi = _quantiles(triton.testing.do_bench, fn, warmup=10 if quick else 50, rep=50 if quick else 300)
-        res.update(ms=med, p20_ms=lo, p80_ms=hi)
-        if graph:
-            if res["syncs"]:
-                res["graph_skipped"] = f"{res['syncs']} host sync(s) per call: not capturable in a CUDA graph"
-            else:
-                try:
-                    res["graph_ms"] = _quantiles(triton.testing.do_bench_cudagraph, fn, rep=50 if quick else 300)[0]
-                except Exception as exc:
-                    res["graph_skipped"] = f"capture failed: {type(exc).__name__}: {exc}"[:300]
-                    torch.cuda.synchronize()
+        res.update(profiling.time_cuda(fn, warmup=10 if quick else 50, rep=50 if quick else 300, graph=graph,
+                                       syncs=res["syncs"]))
     else:
         res["peak_mib"] = round(rss.measure(fn), 1)
-        times = []
-        for _ in range(3 if quick else 10):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times = profiling.time_cpu(fn, 3 if quick else 10)
         res.update(ms=statistics.median(times), min_ms=min(times), max_ms=max(times), reps=len(times))
     res["compiles_in_warmup"] = g1 - g0
     recompiles = compiled_graphs() - g1

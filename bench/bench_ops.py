@@ -36,10 +36,11 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from wfnet import profiling  # host syncs and GPU timing, shared with bench_model.py and the GPU tests
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,16 +187,6 @@ def timed_call(fwd, case, mode, plain):
     return fb
 
 
-def _quantiles(bench, fn, **kw):
-    """(median, p20, p80) from a triton.testing benchmark function; (median, None, None) on a signature without
-    quantiles. Never the mean."""
-    try:
-        med, lo, hi = bench(fn, quantiles=[0.5, 0.2, 0.8], **kw)
-        return float(med), float(lo), float(hi)
-    except TypeError:
-        return float(bench(fn, return_mode="median", **kw)), None, None
-
-
 def compiled_graphs() -> int:
     """Graphs dynamo has compiled so far in this process."""
     from torch._dynamo.utils import counters
@@ -204,29 +195,15 @@ def compiled_graphs() -> int:
 
 
 def count_host_syncs(fn) -> int | None:
-    """Host syncs of one call of ``fn`` (GPU only): torch.cuda.set_sync_debug_mode warnings."""
-    import warnings
-
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    return sum("synchroniz" in str(w.message) for w in caught)
+    """Host syncs of one call of ``fn`` (GPU only; None on a CPU): :func:`wfnet.profiling.count_host_syncs`."""
+    report = profiling.count_host_syncs(fn)
+    return None if report is None else report.count
 
 
 def measure(fn, device, quick, graph=True) -> dict:
     """{"ms": median, "p20_ms", "p80_ms", "graph_ms" (CUDA-graph replay median) or "graph_skipped", "peak_mib",
     "syncs"}. GPU: triton.testing; CPU: time.perf_counter loop (median)."""
     if device == "cuda":
-        import triton.testing
-
         fn()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -235,25 +212,11 @@ def measure(fn, device, quick, graph=True) -> dict:
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         res = {"peak_mib": round(peak, 2), "syncs": count_host_syncs(fn)}
-        med, lo, hi = _quantiles(triton.testing.do_bench, fn, warmup=5 if quick else 25, rep=20 if quick else 100)
-        res.update(ms=med, p20_ms=lo, p80_ms=hi)
-        if graph:
-            if res["syncs"]:
-                res["graph_skipped"] = f"{res['syncs']} host sync(s) per call: cannot be captured in a CUDA graph"
-            else:
-                try:
-                    res["graph_ms"] = _quantiles(triton.testing.do_bench_cudagraph, fn, rep=20 if quick else 100)[0]
-                except Exception as exc:  # capture failed: say why, keep the event timing
-                    res["graph_skipped"] = f"capture failed: {type(exc).__name__}: {exc}"[:300]
-                    torch.cuda.synchronize()
+        res.update(profiling.time_cuda(fn, warmup=5 if quick else 25, rep=20 if quick else 100, graph=graph,
+                                       syncs=res["syncs"]))
         return res
     fn()
-    reps = 3 if quick else 10
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times = profiling.time_cpu(fn, 3 if quick else 10)
     return {"ms": statistics.median(times), "p20_ms": None, "p80_ms": None, "peak_mib": None, "syncs": None,
             "graph_skipped": "CPU: no CUDA graphs"}
 

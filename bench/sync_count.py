@@ -21,53 +21,25 @@ import datetime
 import json
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
 import torch
+
+from wfnet import profiling
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"forward": 1, "untrain_step": 1}
 _OWN = ("wfnet", "wf_kernels", "bench", "torch/optim", "torch/nn")
 
 
-def _where(stack) -> str:
-    """Innermost frame of wfnet / wf_kernels / this script (else the innermost frame) as file:line."""
-    frames = [f for f in stack if "warnings.py" not in f.filename and "sync_count.py" not in f.filename]
-    own = [f for f in frames if any(k in f.filename.replace("\\", "/") for k in ("/wfnet/", "/wf_kernels/"))]
-    f = (own or frames or stack)[-1]
-    name = f.filename
-    for marker in ("/python/wfnet/", "/wfnet/", "/wf_kernels/", "/torch/"):
-        if marker in name:
-            name = marker.strip("/").split("/")[-1] + "/" + name.split(marker, 1)[1]
-            break
-    return f"{name}:{f.lineno} ({f.name})"
-
-
 def count_syncs(fn, cuda: bool) -> dict:
-    """Run ``fn`` once; on CUDA count the synchronisations torch's sync debug mode reports."""
+    """Run ``fn`` once; on CUDA count the synchronisations torch's sync debug mode reports, and where
+    (:func:`wfnet.profiling.count_host_syncs`)."""
     if not cuda:
         fn()
         return {"syncs": None, "where": []}
-    where = []
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):
-            where.append(_where(traceback.extract_stack()[:-1]))
-
-    torch.cuda.synchronize()
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        old_show = warnings.showwarning
-        warnings.showwarning = show
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-            warnings.showwarning = old_show
-    torch.cuda.synchronize()
-    return {"syncs": len(where), "where": where}
+    report = profiling.count_host_syncs(fn)
+    return {"syncs": report.count, "where": report.where}
 
 
 def build(device, num_classes=10):

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 
 import wfnet.untrain as U
 from wfnet import Run
-from wfnet.config import EvalConfig
+from wfnet import evaluate
+from wfnet.audit import AuditConfig
+from wfnet.evaluate import EvalConfig
 
 
 def main():
@@ -50,11 +52,12 @@ def main():
                 shutil.copy2(src / name, d / name)
         run = Run.open(d, device="cpu", log=False)
         t0 = time.time()
-        run.untrain(run.untrain_config(max_epochs=1, lambda_feature=lam), progress=False)
+        U.run(run, U.config_for(run, max_epochs=1, lambda_feature=lam), progress=False)
         untrain_s = time.time() - t0
-        t1 = run.evaluate(EvalConfig(metrics=["acc"], methods=["original", "wfnet"]), progress=False)["table1"]
-        audit = run.evaluate(EvalConfig(metrics=["mia", "probe", "relearn_fewshot"], methods=["wfnet"],
-                                        classes=classes, audit_samples=1000), progress=False)["audit"]
+        t1 = evaluate.run(run, EvalConfig(metrics=["acc"], methods=["original", "wfnet"]), progress=False)["table1"]
+        audit = evaluate.run(run, EvalConfig(metrics=["mia", "probe", "relearn_fewshot"], methods=["wfnet"],
+                                             classes=classes, audit=AuditConfig(audit_samples=1000)),
+                             progress=False)["audit"]
         rows = {r["method"]: r for r in t1["rows"]}
         summary[f"{lam:g}{'' if args.variant == 'random' else ' ' + args.variant}"] = {"acc_r": rows["wfnet"]["acc_r"], "acc_f": rows["wfnet"]["acc_f"],
                         "original_acc_r": rows["original"]["acc_r"], "untrain_seconds": untrain_s,

@@ -364,7 +364,7 @@ def cmd_untrain(args):
 # --------------------------------------------------------------------------------------------------------- baseline
 def cmd_baseline(args):
     from wfnet.baselines import unlearn_baseline
-    from wfnet.config import BaselineConfig
+    from wfnet.baselines import BaselineConfig
     torch.set_num_threads(args.threads)
     s = image_size_for(args.model)
     xtr, ytr, xte, yte = load_mnist(s)

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import wfnet
+from wfnet.profiling import count_host_syncs
 import wfnet.rows as R
 from wfnet.rows import Rows
 
@@ -110,18 +111,8 @@ def test_dot_precision_and_test_tolerances_follow_torch_tf32_flags():
 
 # ------------------------------------------------------------------------------------------------ GPU: host syncs
 def _count_syncs(fn) -> int:
-    """Device-to-host syncs that torch reports while ``fn`` runs (torch.cuda.set_sync_debug_mode("warn"))."""
-    import warnings
-
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    """Device-to-host syncs that torch reports while ``fn`` runs (wfnet.profiling, as the benchmarks count them)."""
+    return count_host_syncs(fn).count
 
 
 @pytest.mark.cuda
