@@ -1,10 +1,12 @@
 """Fused backward of the gate epilogue: one pass over grad_out (and the saved bias-free output z).
 
-For out[n, c, p] = g[n, c] * z[n, c, p] + gb[n, c] (sample gates g, gb: fp32 [B, C], see ``gates``):
+For out[n, c, p] = act(g[n, c] * z[n, c, p] + gb[n, c]) (sample gates g, gb: fp32 [B, C], see ``gates``; ``act`` a
+folded activation, see activation.py, "none" = identity):
 
-    grad_z[n, c, p] = grad_out[n, c, p] * g[n, c]          (then grad_x by cuBLAS / cuDNN from grad_z)
-    grad_g[n, c]    = sum_p grad_out[n, c, p] * z[n, c, p]
-    grad_gb[n, c]   = sum_p grad_out[n, c, p]
+    go              = grad_out[n, c, p] * act'(g[n, c] * z[n, c, p] + gb[n, c])   (pre-activation recomputed from z)
+    grad_z[n, c, p] = go * g[n, c]          (then grad_x by cuBLAS / cuDNN from grad_z)
+    grad_g[n, c]    = sum_p go * z[n, c, p]
+    grad_gb[n, c]   = sum_p go
 
 One program per (sample, channel block, position chunk) reads its tile of grad_out (and z) once, writes grad_z and
 reduces both sums over its positions into a [chunks, B, C] buffer; the chunks are then summed in a fixed order. No
@@ -17,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .activation import Activation, activation_grad, check_activation
 from .autotune import INTERPRET, elementwise_tiles
 from .epilogue import as_bcp
 from .launch import device_guard
@@ -24,11 +27,11 @@ from .launch import device_guard
 
 @triton.jit
 def _gate_bwd_kernel(
-    go_ptr, z_ptr, gz_ptr, g_ptr, sum_gz_ptr, sum_g_ptr,  # sums: [chunks, B, C] fp32
-    B, C, P, P_CHUNK,
+    go_ptr, z_ptr, gz_ptr, g_ptr, gb_ptr, sum_gz_ptr, sum_g_ptr,  # sums: [chunks, B, C] fp32
+    B, C, P, P_CHUNK, stride_gbn,
     stride_gn, stride_gc, stride_gp,  # grad_out as [B, C, P]
     stride_zn, stride_zc, stride_zp,  # z (and grad_z, allocated like z) as [B, C, P]
-    NEED_GZ: tl.constexpr, NEED_G: tl.constexpr, NEED_GB: tl.constexpr,
+    NEED_GZ: tl.constexpr, NEED_G: tl.constexpr, NEED_GB: tl.constexpr, HAS_GB: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     n = tl.program_id(0)
@@ -36,6 +39,8 @@ def _gate_bwd_kernel(
     chunk = tl.program_id(2)
     mask_c = offs_c < C
     g = tl.load(g_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    if HAS_GB:
+        gb = tl.load(gb_ptr + n * stride_gbn + offs_c, mask=mask_c, other=0.0)
     sum_gz = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
     p_start = chunk * P_CHUNK
@@ -46,10 +51,17 @@ def _gate_bwd_kernel(
         go = tl.load(go_ptr + n * stride_gn + offs_c[:, None] * stride_gc + offs_p[None, :] * stride_gp, mask=mask,
                      other=0.0).to(tl.float32)
         zoff = n * stride_zn + offs_c[:, None] * stride_zc + offs_p[None, :] * stride_zp
+        if ACT != "none":  # the folded activation: grad at the pre-activation, recomputed from z
+            z = tl.load(z_ptr + zoff, mask=mask, other=0.0).to(tl.float32)
+            pre = z * g[:, None]
+            if HAS_GB:
+                pre += gb[:, None]
+            go = go * activation_grad(pre, ACT)
         if NEED_GZ:
             tl.store(gz_ptr + zoff, (go * g[:, None]).to(gz_ptr.dtype.element_ty), mask=mask)
         if NEED_G:
-            z = tl.load(z_ptr + zoff, mask=mask, other=0.0).to(tl.float32)
+            if ACT == "none":
+                z = tl.load(z_ptr + zoff, mask=mask, other=0.0).to(tl.float32)
             sum_gz += tl.sum(go * z, axis=1)
         if NEED_GB:
             sum_g += tl.sum(go, axis=1)
@@ -67,8 +79,10 @@ def _p_chunk(b: int, n_cb: int, p: int, bp: int) -> int:
     return triton.cdiv(triton.cdiv(p, bp), splits) * bp
 
 
-def gate_backward(grad_out, z, g, channel_dim: int, need_gz: bool, need_g: bool, need_gb: bool):
+def gate_backward(grad_out, z, g, channel_dim: int, need_gz: bool, need_g: bool, need_gb: bool, gb=None,
+                  act: Activation = "none"):
     """Return (grad_z, grad_g [B, C] fp32, grad_gb [B, C] fp32); an entry not asked for is an empty tensor.
+    ``act`` (a folded activation) needs z and the gates ``g`` / ``gb`` of the forward for any gradient.
 
     ``grad_z`` has z's layout when z is given (else grad_out's, made dense); ``grad_out`` is made dense in that
     layout first so that one stride set serves both.
@@ -83,7 +97,11 @@ def gate_backward(grad_out, z, g, channel_dim: int, need_gz: bool, need_g: bool,
         ref = ref.contiguous()
     if need_g and z.numel() == 0:
         raise RuntimeError("wf_kernels: grad for the weight gates requested but z was not saved in forward")
+    if check_activation(act) != "none" and z.numel() == 0 and grad_out.numel():
+        raise RuntimeError(f"wf_kernels: the backward of a folded {act} needs z (the pre-activation is recomputed)")
     z = ref if z.numel() else z
+    if gb is not None and gb.stride(1) != 1:
+        gb = gb.contiguous()
     empty = grad_out.new_empty(0)
     f32 = dict(dtype=torch.float32, device=grad_out.device)
     grad_z = torch.empty_like(ref) if need_gz else empty
@@ -91,7 +109,7 @@ def gate_backward(grad_out, z, g, channel_dim: int, need_gz: bool, need_g: bool,
         return (grad_z, torch.zeros(g.shape, **f32) if need_g else torch.empty(0, **f32),
                 torch.zeros(g.shape, **f32) if need_gb else torch.empty(0, **f32))
     g3 = as_bcp(grad_out, channel_dim)
-    z3 = as_bcp(z if need_g else ref, channel_dim)
+    z3 = as_bcp(z if (need_g or act != "none") else ref, channel_dim)
     gz3 = as_bcp(grad_z, channel_dim) if need_gz else z3
     assert gz3.stride() == z3.stride() or not need_gz
     b, _, p = g3.shape
@@ -103,8 +121,10 @@ def gate_backward(grad_out, z, g, channel_dim: int, need_gz: bool, need_g: bool,
     sum_g = torch.empty(n_chunks, b, c, **f32) if need_gb else torch.empty(1, **f32)
     with device_guard(grad_out):
         _gate_bwd_kernel[(b, n_cb, n_chunks)](
-            g3, z3, gz3, g.contiguous(), sum_gz, sum_g, b, c, p, chunk, *g3.stride(), *z3.stride(),
-            NEED_GZ=need_gz, NEED_G=need_g, NEED_GB=need_gb, BLOCK_C=bc, BLOCK_P=bp,
+            g3, z3, gz3, g.contiguous(), g if gb is None else gb, sum_gz, sum_g, b, c, p, chunk,
+            0 if gb is None else gb.stride(0), *g3.stride(), *z3.stride(),
+            NEED_GZ=need_gz, NEED_G=need_g, NEED_GB=need_gb, HAS_GB=gb is not None, ACT=act, BLOCK_C=bc,
+            BLOCK_P=bp,
         )
     # fixed-order sums over the chunks (distinct tensors: custom-op outputs may not alias)
     grad_g = sum_gz.sum(0) if need_g else torch.empty(0, **f32)

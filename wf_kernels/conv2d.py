@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .autotune import gemm_configs, grouped_tile, m_bucket, prune_configs
+from .activation import Activation, check_activation
 from .epilogue import gate_forward, gate_store
 from .launch import device_guard
 
@@ -43,7 +44,7 @@ def _wf_conv2d_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, C_INNER: tl.constexpr,
     HAS_GB: tl.constexpr, STORE_Z: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPILOGUE_SUBTILES: tl.constexpr,
+    EPILOGUE_SUBTILES: tl.constexpr, ACT: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, C_out, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -84,7 +85,7 @@ def _wf_conv2d_fwd_kernel(
 
     gate_store(acc, sample, sample * stride_on + oh * stride_oh + ow * stride_ow, pid_n * BLOCK_N, mask_m, g_ptr,
                gb_ptr, out_ptr, z_ptr, C_out, stride_gbn, stride_oc, HAS_GB, STORE_Z, BLOCK_M, BLOCK_N,
-               EPILOGUE_SUBTILES)
+               EPILOGUE_SUBTILES, ACT)
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -100,16 +101,17 @@ def out_shape(x_shape, w_shape, stride, padding, dilation):
     return (x_shape[0], w_shape[0], ho, wo)
 
 
-def conv2d_forward(x, weight, g, gb, stride, padding, dilation, groups, path: str, save_z: bool, precision: str):
+def conv2d_forward(x, weight, g, gb, stride, padding, dilation, groups, path: str, save_z: bool, precision: str,
+                   act: Activation = "none"):
     """(out, z or an empty tensor). ``x`` must be NCHW- or channels_last-contiguous; ``g`` / ``gb``: fp32 [B, C_out]
-    sample gates (gb None without bias); ``path``: "implicit_gemm" or "epilogue". An argument added here that
+    sample gates (gb None without bias); ``act``: a folded activation applied to the gated output (wfnet.fold); ``path``: "implicit_gemm" or "epilogue". An argument added here that
     selects a kernel variant must be annotated bool / typing.Literal[...] / an Enum: bench/aot_verify.py enumerates
     such arguments from the annotation and compiles every variant for sm_90 / sm_80."""
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     empty = x.new_empty(0)
     if path == "epilogue":
         z = F.conv2d(x, weight, None, stride, padding, dilation, groups).contiguous(memory_format=fmt)
-        return gate_forward(z, g, gb, channel_dim=1, in_place=not save_z), (z if save_z else empty)
+        return gate_forward(z, g, gb, channel_dim=1, in_place=not save_z, act=act), (z if save_z else empty)
     if path != "implicit_gemm":
         raise ValueError(f"unknown conv path {path!r}; expected 'implicit_gemm' or 'epilogue'")
     if groups != 1:
@@ -133,6 +135,6 @@ def conv2d_forward(x, weight, g, gb, stride, padding, dilation, groups, path: st
             *x.stride(), *weight.stride(), *out.stride(),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             KH=kh, KW=kw, C_INNER=fmt == torch.channels_last,
-            HAS_GB=gb is not None, STORE_Z=save_z, INPUT_PRECISION=precision,
+            HAS_GB=gb is not None, STORE_Z=save_z, INPUT_PRECISION=precision, ACT=check_activation(act),
         )
     return out, z

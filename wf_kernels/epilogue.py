@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .activation import Activation, activation, check_activation
 from .autotune import elementwise_tiles
 from .launch import device_guard
 
@@ -34,21 +35,22 @@ def gate_tile(acc, sample, offs_c, mask_m, mask_c, g_ptr, gb_ptr, C, stride_gbn,
 
 @triton.jit
 def _gate_store_cols(acc, sample, row_off, offs_c, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C, stride_gbn, stride_oc,
-                     HAS_GB: tl.constexpr, STORE_Z: tl.constexpr):
-    """Store one column block of the accumulator: z (when asked) and the gated output."""
+                     HAS_GB: tl.constexpr, STORE_Z: tl.constexpr, ACT: tl.constexpr):
+    """Store one column block of the accumulator: z (when asked) and the gated output (then ``ACT``, a folded
+    activation, see activation.py)."""
     mask_c = offs_c < C
     mask = mask_m[:, None] & mask_c[None, :]
     off = row_off[:, None] + offs_c[None, :] * stride_oc
     if STORE_Z:
         tl.store(z_ptr + off, acc.to(z_ptr.dtype.element_ty), mask=mask)
-    out = gate_tile(acc, sample, offs_c, mask_m, mask_c, g_ptr, gb_ptr, C, stride_gbn, HAS_GB)
+    out = activation(gate_tile(acc, sample, offs_c, mask_m, mask_c, g_ptr, gb_ptr, C, stride_gbn, HAS_GB), ACT)
     tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def gate_store(acc, sample, row_off, col0, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C, stride_gbn, stride_oc,
                HAS_GB: tl.constexpr, STORE_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               SUBTILES: tl.constexpr):
+               SUBTILES: tl.constexpr, ACT: tl.constexpr):
     """The GEMM epilogue: gate the fp32 accumulator [BLOCK_M, BLOCK_N] (output columns ``col0 + arange(BLOCK_N)``,
     rows at ``row_off`` with sample index ``sample``) and store it, with z stored first when ``STORE_Z``.
 
@@ -64,23 +66,23 @@ def gate_store(acc, sample, row_off, col0, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr
         a2, a3 = tl.split(tl.permute(tl.reshape(right, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
         q = tl.arange(0, BLOCK_N // 4)
         _gate_store_cols(a0, sample, row_off, col0 + q, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C, stride_gbn,
-                         stride_oc, HAS_GB, STORE_Z)
+                         stride_oc, HAS_GB, STORE_Z, ACT)
         _gate_store_cols(a1, sample, row_off, col0 + BLOCK_N // 4 + q, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C,
-                         stride_gbn, stride_oc, HAS_GB, STORE_Z)
+                         stride_gbn, stride_oc, HAS_GB, STORE_Z, ACT)
         _gate_store_cols(a2, sample, row_off, col0 + BLOCK_N // 2 + q, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C,
-                         stride_gbn, stride_oc, HAS_GB, STORE_Z)
+                         stride_gbn, stride_oc, HAS_GB, STORE_Z, ACT)
         _gate_store_cols(a3, sample, row_off, col0 + 3 * (BLOCK_N // 4) + q, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr,
-                         C, stride_gbn, stride_oc, HAS_GB, STORE_Z)
+                         C, stride_gbn, stride_oc, HAS_GB, STORE_Z, ACT)
     elif SUBTILES == 2:
         a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         h = tl.arange(0, BLOCK_N // 2)
         _gate_store_cols(a0, sample, row_off, col0 + h, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C, stride_gbn,
-                         stride_oc, HAS_GB, STORE_Z)
+                         stride_oc, HAS_GB, STORE_Z, ACT)
         _gate_store_cols(a1, sample, row_off, col0 + BLOCK_N // 2 + h, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, C,
-                         stride_gbn, stride_oc, HAS_GB, STORE_Z)
+                         stride_gbn, stride_oc, HAS_GB, STORE_Z, ACT)
     else:
         _gate_store_cols(acc, sample, row_off, col0 + tl.arange(0, BLOCK_N), mask_m, g_ptr, gb_ptr, out_ptr, z_ptr,
-                         C, stride_gbn, stride_oc, HAS_GB, STORE_Z)
+                         C, stride_gbn, stride_oc, HAS_GB, STORE_Z, ACT)
 
 
 @triton.jit
@@ -89,7 +91,7 @@ def _gate_fwd_kernel(
     C, P, stride_gbn,
     stride_zn, stride_zc, stride_zp,  # z viewed as [B, C, P]
     stride_on, stride_oc, stride_op,  # out, same view (may be z itself: in place)
-    HAS_GB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_GB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACT: tl.constexpr,
 ):
     n = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -102,6 +104,7 @@ def _gate_fwd_kernel(
     out = z * g[:, None]
     if HAS_GB:
         out += tl.load(gb_ptr + n * stride_gbn + offs_c, mask=mask_c, other=0.0)[:, None]
+    out = activation(out, ACT)
     tl.store(out_ptr + n * stride_on + offs_c[:, None] * stride_oc + offs_p[None, :] * stride_op,
              out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -114,8 +117,9 @@ def as_bcp(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1]).transpose(1, 2)
 
 
-def gate_forward(z: torch.Tensor, g: torch.Tensor, gb, channel_dim: int, in_place: bool = False) -> torch.Tensor:
-    """out = z * g + gb in one pass (``g``, ``gb``: fp32 [B, C]); ``out`` has z's shape, strides and dtype. With
+def gate_forward(z: torch.Tensor, g: torch.Tensor, gb, channel_dim: int, in_place: bool = False,
+                 act: Activation = "none") -> torch.Tensor:
+    """out = act(z * g + gb) in one pass (``act``: a folded activation, "none" by default) (``g``, ``gb``: fp32 [B, C]); ``out`` has z's shape, strides and dtype. With
     ``in_place`` z itself is overwritten and returned (inference: z is a fresh conv / matmul output). An argument
     added here that selects a kernel variant must be annotated bool / typing.Literal[...] / an Enum:
     bench/aot_verify.py enumerates such arguments from the annotation and compiles every variant for sm_90 / sm_80."""
@@ -130,6 +134,6 @@ def gate_forward(z: torch.Tensor, g: torch.Tensor, gb, channel_dim: int, in_plac
         _gate_fwd_kernel[grid](
             z3, o3, g, gb if gb is not None else g, c, p, gb.stride(0) if gb is not None else 0,
             *z3.stride(), *o3.stride(),
-            HAS_GB=gb is not None, BLOCK_C=bc, BLOCK_P=bp,
+            HAS_GB=gb is not None, BLOCK_C=bc, BLOCK_P=bp, ACT=check_activation(act),
         )
     return out

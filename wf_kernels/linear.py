@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .autotune import gemm_configs, grouped_tile, m_bucket, prune_configs
+from .activation import Activation, check_activation
 from .epilogue import gate_forward, gate_store
 from .launch import device_guard
 
@@ -33,7 +34,7 @@ def _wf_linear_fwd_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, stride_gbn,
     HAS_GB: tl.constexpr, STORE_Z: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPILOGUE_SUBTILES: tl.constexpr,
+    EPILOGUE_SUBTILES: tl.constexpr, ACT: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -53,12 +54,12 @@ def _wf_linear_fwd_kernel(
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     gate_store(acc, offs_m // T, offs_m * stride_om, pid_n * BLOCK_N, mask_m, g_ptr, gb_ptr, out_ptr, z_ptr, N,
-               stride_gbn, stride_on, HAS_GB, STORE_Z, BLOCK_M, BLOCK_N, EPILOGUE_SUBTILES)
+               stride_gbn, stride_on, HAS_GB, STORE_Z, BLOCK_M, BLOCK_N, EPILOGUE_SUBTILES, ACT)
 
 
-def linear_forward(x3, weight, g, gb, path: str, save_z: bool, precision: str):
+def linear_forward(x3, weight, g, gb, path: str, save_z: bool, precision: str, act: Activation = "none"):
     """x3: [B, T, K] -> (out [B, T, N], z [B, T, N] or an empty tensor). ``g`` / ``gb``: fp32 [B, N] sample gates
-    (gb None without bias). ``path``: "gemm" or "epilogue"; ``precision``: ``tl.dot``'s fp32 input precision.
+    (gb None without bias); ``act``: a folded activation applied to the gated output (wfnet.fold). ``path``: "gemm" or "epilogue"; ``precision``: ``tl.dot``'s fp32 input precision.
     An argument added here that selects a kernel variant must be annotated bool / typing.Literal[...] / an Enum:
     bench/aot_verify.py enumerates such arguments from the annotation and compiles every variant for sm_90 / sm_80."""
     b, t, k = x3.shape
@@ -66,7 +67,7 @@ def linear_forward(x3, weight, g, gb, path: str, save_z: bool, precision: str):
     empty = x3.new_empty(0)
     if path == "epilogue":
         z = F.linear(x3, weight)
-        return gate_forward(z, g, gb, channel_dim=-1, in_place=not save_z), (z if save_z else empty)
+        return gate_forward(z, g, gb, channel_dim=-1, in_place=not save_z, act=act), (z if save_z else empty)
     if path != "gemm":
         raise ValueError(f"unknown linear path {path!r}; expected 'gemm' or 'epilogue'")
     out = x3.new_empty(b, t, n)
@@ -76,7 +77,7 @@ def linear_forward(x3, weight, g, gb, path: str, save_z: bool, precision: str):
         return out, z
     if k == 0:  # empty reduction: z = 0, out = gated bias
         z0 = x3.new_zeros(b, t, n)
-        return gate_forward(z0, g, gb, -1), (z0 if save_z else empty)
+        return gate_forward(z0, g, gb, -1, act=act), (z0 if save_z else empty)
     x2 = x3.reshape(m, k)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     with device_guard(x3):
@@ -84,6 +85,6 @@ def linear_forward(x3, weight, g, gb, path: str, save_z: bool, precision: str):
             x2, weight, g, gb if gb is not None else g, out, z if save_z else out,
             m, n, k, t, m_bucket(m), x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), n, 1,
             gb.stride(0) if gb is not None else 0,
-            HAS_GB=gb is not None, STORE_Z=save_z, INPUT_PRECISION=precision,
+            HAS_GB=gb is not None, STORE_Z=save_z, INPUT_PRECISION=precision, ACT=check_activation(act),
         )
     return out, z

@@ -53,6 +53,9 @@ class FilteredLayer:
     # scales the parent's parts.
     bias_parts: tuple = ()
     wf_name: str = ""  # the layer's name in the wrapped model (set by wrap, for messages)
+    # Set by wrap when this layer's output goes only to an eval-mode BatchNorm (and activation): a wfnet.fold.FoldLink.
+    # In a routed forward the layer then applies them in its epilogue and they step aside (see wfnet.fold).
+    _wf_fold = None
 
     def _init_filters(self, num_classes: int, init: float, out_features: int, has_bias: bool, device):
         if num_classes < 1:
@@ -111,6 +114,19 @@ class FilteredLayer:
 
     def _routed(self) -> bool:
         return self._router is not None and self._router.rows_object() is not None
+
+    def _fold_for(self, forget, out_dims_ok: bool):
+        """The link of this call when the fold applies (routed forward, see wfnet.fold.FoldLink.active), else None."""
+        link = self._wf_fold
+        if link is None or forget is not None or not link.active(self, out_dims_ok):
+            return None
+        return link
+
+    def _folded(self, link, out):
+        """Record ``out`` (computed with ``link``'s affine) so that its BatchNorm / activation step aside for it."""
+        if link is not None:
+            link.record(self._router.current(), out)
+        return out
 
     def _check_input_device(self, x):
         if x.device != self.weight.device:
@@ -196,9 +212,11 @@ class WFConv2d(FilteredLayer, nn.Conv2d):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         x, weight, bias, cast = _autocast(x, self.weight, self.bias)
+        link = self._fold_for(forget, True)
         with torch.autocast(x.device.type, enabled=False) if cast else contextlib.nullcontext():
-            return ops.conv2d_prepared(x, weight, bias, self.alpha_weight, self.alpha_bias, rows, self.stride,
-                                       padding, self.dilation, self.groups, backend=None)
+            return self._folded(link, ops.conv2d_prepared(
+                x, weight, bias, self.alpha_weight, self.alpha_bias, rows, self.stride, padding, self.dilation,
+                self.groups, backend=None, fold=None if link is None else link.affine()))
 
     @torch.no_grad()
     def to_plain(self, row: int, hard: float | None = None) -> nn.Conv2d:
@@ -258,7 +276,8 @@ class WFLinear(FilteredLayer, nn.Linear):
         rows = self._rows(x, forget)
         if rows is None:
             return nn.Linear.forward(self, x)
-        return self._gated(x, self.bias, rows)
+        # a BatchNorm1d after a Linear normalises dim 1: the fold holds for [B, C] outputs only
+        return self._gated(x, self.bias, rows, self._fold_for(forget, x.dim() == 2))
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear(x, self.weight, bias)`` with this layer's gates, for a parent that computes the projection
@@ -273,12 +292,14 @@ class WFLinear(FilteredLayer, nn.Linear):
                              f"unfiltered; register the adapter with bias_parts")
         return self._gated(x, bias, rows)
 
-    def _gated(self, x, bias, rows):
+    def _gated(self, x, bias, rows, link=None):
         self._check_input_device(x)
         x, weight, bias, cast = _autocast(x, self.weight, bias)
         alpha_bias = self.alpha_bias if bias is not None else None
         with torch.autocast(x.device.type, enabled=False) if cast else contextlib.nullcontext():
-            return ops.linear_prepared(x, weight, bias, self.alpha_weight, alpha_bias, rows, backend=None)
+            return self._folded(link, ops.linear_prepared(x, weight, bias, self.alpha_weight, alpha_bias, rows,
+                                                          backend=None,
+                                                          fold=None if link is None else link.affine()))
 
     @torch.no_grad()
     def to_plain(self, row: int, hard: float | None = None) -> nn.Linear:

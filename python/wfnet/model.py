@@ -45,7 +45,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from . import adapters, sets
+from . import adapters, fold as _fold, sets
 from .layers import FilteredLayer, WFConv2d, WFLinear, WFMultiheadAttention
 from .rows import RowRouter
 
@@ -287,7 +287,7 @@ class WFModel(nn.Module):
     the original model."""
 
     def __init__(self, model: nn.Module, num_classes: int, layer_names: list[str], freeze_norm: bool = True,
-                 allow_unused: bool | Iterable[str] = (), plan: TargetPlan | None = None):
+                 allow_unused: bool | Iterable[str] = (), plan: TargetPlan | None = None, fold: bool = True):
         super().__init__()
         self.model = model
         self.num_classes = int(num_classes)
@@ -306,6 +306,21 @@ class WFModel(nn.Module):
         # forgetting() frames (by id) -> whether the inner model ran on that frame's rows (then the guard checks it)
         self._watched: dict[int, bool] = {}
         model.register_forward_pre_hook(self._note_call)
+        # the fold (wfnet.fold): filtered layers applying the eval-mode BatchNorm (+ activation) after them, proven
+        # from a torch.fx trace of the real data flow; routed forwards only, checked per call
+        self.fold_plan = _fold.plan_fold(model, self.layer_names) if fold else _fold.FoldPlan(error="wrap(fold=False)")
+        _fold.install(model, self.router, self.layer_names)
+
+    def set_fold(self, enabled: bool) -> None:
+        """Turn the fold (:mod:`wfnet.fold`) on or off for this model's folded chains (outputs agree either way, up
+        to float rounding; off = the gate pass, then the BatchNorm and activation modules run as before)."""
+        for layer in self.filtered_layers().values():
+            if layer._wf_fold is not None:
+                layer._wf_fold.enabled = bool(enabled)
+
+    def folded_layers(self) -> dict[str, tuple[str, str]]:
+        """Filtered layer name -> (BatchNorm name, activation name or "") of every chain the fold may apply to."""
+        return {layer: (norm, act) for layer, norm, act in self.fold_plan.chains}
 
     def _note_call(self, module, args):
         if self._watched:
@@ -428,6 +443,7 @@ class WFModel(nn.Module):
         batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
         with self.router.route(forget, batch) as frame:
             out = self.model(*args, **kwargs)
+        _fold.check_consumed(frame)
         self._check_coverage(frame)
         return out
 
@@ -446,9 +462,9 @@ class WFModel(nn.Module):
 
     def summary(self) -> str:
         """The target plan as ``wfnet inspect`` prints it."""
-        if self.plan is None:
-            return f"{len(self.layer_names)} filtered layers, {self.num_filter_parameters():,} gate parameters"
-        return self.plan.summary(self.num_classes)
+        head = (f"{len(self.layer_names)} filtered layers, {self.num_filter_parameters():,} gate parameters"
+                if self.plan is None else self.plan.summary(self.num_classes))
+        return head + "\n" + self.fold_plan.summary()
 
     def filter_parameters(self) -> Iterator[nn.Parameter]:
         """The gate logits only (alpha_weight, alpha_bias of every filtered layer), ready for an optimizer."""
@@ -492,7 +508,8 @@ def _filtered(old: nn.Module, target: Target, num_classes: int, init: float) -> 
 
 
 def wrap(model: nn.Module, num_classes: int, targets: Targets = "auto", init: float = 3.0,
-         freeze_norm: bool = True, allow_unused: bool | Iterable[str] = (), check_head: bool = True) -> WFModel:
+         freeze_norm: bool = True, allow_unused: bool | Iterable[str] = (), check_head: bool = True,
+         fold: bool = True) -> WFModel:
     """Replace the target layers of ``model`` (in place) by filtered layers and return a :class:`WFModel`.
 
     Every parameter of ``model`` is frozen; the new gates (initialised to ``init``) are the only trainable ones.
@@ -502,6 +519,8 @@ def wrap(model: nn.Module, num_classes: int, targets: Targets = "auto", init: fl
     ``allow_unused``: the coverage guard's opt-out (see :meth:`WFModel.set_allow_unused`). ``check_head=False``
     keeps ``num_classes`` rows for a head with more outputs (forgetting among the first ``num_classes`` classes of a
     larger label space). ``wrapped.plan`` / ``wrapped.summary()`` tell what was filtered.
+    ``fold``: apply each filtered layer's following eval-mode BatchNorm (and activation) in its gate pass in routed
+    forwards, where the model's data flow proves the chain (:mod:`wfnet.fold`; ``summary()`` lists the chains).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap expects a torch.nn.Module (the classifier to filter), got {type(model).__name__}")
@@ -551,7 +570,8 @@ def wrap(model: nn.Module, num_classes: int, targets: Targets = "auto", init: fl
                  if t.functional and t.attention == site.name]
         if roles:
             adapters.install_functional_route(site.module, roles)
-    return WFModel(model, num_classes, plan.names, freeze_norm=freeze_norm, allow_unused=allow_unused, plan=plan)
+    return WFModel(model, num_classes, plan.names, freeze_norm=freeze_norm, allow_unused=allow_unused, plan=plan,
+                   fold=fold)
 
 
 @contextlib.contextmanager
@@ -566,6 +586,7 @@ def forgetting(wf: WFModel, rows) -> Iterator[WFModel]:
             yield wf
         finally:
             ran = wf._watched.pop(id(frame))
+    _fold.check_consumed(frame)
     if ran:
         wf._check_coverage(frame)
 
@@ -609,6 +630,7 @@ def export(wf: WFModel, forget, hard: bool | float | None = None) -> nn.Module:
     elif isinstance(forget, bool) or not isinstance(forget, int):
         raise TypeError(f"export forget must be a class id or a list of class ids, got {forget!r}")
     model = copy.deepcopy(wf.model)
+    _fold.strip(model)  # the exported model is plain: no step-aside BatchNorm / activation classes
     removed_per_layer = {}
     for name in wf.layer_names:
         layer = model.get_submodule(name)

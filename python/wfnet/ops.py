@@ -19,6 +19,11 @@ Forget SETS (``rows`` a bool mask [B, N_c] or a list of class lists, see :mod:`w
 the composition of its classes' rows, ``g_n = compose(sigmoid(A_w[r]) for r in set_n)`` (and the same for A_b), in
 place of ``sigmoid(A[r_n])`` above. They are computed here in torch (so gradients reach A through the composition)
 and given to the backend's ``conv2d_gates`` / ``linear_gates`` as per-sample gates (g, gated bias: fp32 [B, C]).
+
+The fold (``fold=``, :mod:`wfnet.fold`): an eval-mode BatchNorm + activation after the layer, ``act(s * y + t)``, is
+applied after the per-sample gates: ``g' = s * g``, ``gb' = s * gb + t``, handed to ``conv2d_gates`` /
+``linear_gates`` with ``act=``; a backend that gathers the rows' gates in its own kernel (``folds_rows``: cuda) takes
+the fold itself in ``conv2d`` / ``linear``.
 """
 from __future__ import annotations
 
@@ -82,8 +87,9 @@ def _resolve_conv_padding(x, weight, stride, padding, dilation):
 
 
 def wf_conv2d(x, weight, bias, alpha_weight, alpha_bias, rows, stride=1, padding=0, dilation=1, groups=1,
-              backend=None):
-    """Filtered 2-d convolution (see the module docstring). ``x`` is [B, C_in, H, W], any memory format."""
+              backend=None, fold=None):
+    """Filtered 2-d convolution (see the module docstring). ``x`` is [B, C_in, H, W], any memory format. ``fold``:
+    a :class:`wfnet.fold.Affine` (an eval-mode BatchNorm + activation after the layer) applied in the same pass."""
     if rows is None:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if x.dim() != 4:
@@ -91,25 +97,42 @@ def wf_conv2d(x, weight, bias, alpha_weight, alpha_bias, rows, stride=1, padding
     num_classes = _check_alphas(weight, bias, alpha_weight, alpha_bias)
     _check_device(x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias)
     rows = Rows.prepare(rows, num_classes, x.shape[0]).bind(x)
-    return conv2d_prepared(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups, backend)
+    return conv2d_prepared(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups, backend,
+                           fold)
+
+
+def _fold_gates(chosen, alpha_weight, alpha_bias, bias, rows: LayerRows, fold):
+    """The per-sample gates (fp32 [B, C]) with ``fold`` (a BatchNorm's affine) applied AFTER them: ``s * g``,
+    ``s * gb + t`` (wfnet.fold). Sets compose first (wfnet.sets); rows use the backend's own gate gather."""
+    if rows.mask is not None:
+        g, gb = set_gates(alpha_weight, alpha_bias, bias, rows.mask)
+    else:
+        g, gb = chosen.sample_gates(alpha_weight, alpha_bias, bias, rows)
+    return fold.gates(g, gb)
 
 
 def conv2d_prepared(x, weight, bias, alpha_weight, alpha_bias, rows: LayerRows, stride, padding, dilation, groups,
-                    backend=None):
+                    backend=None, fold=None):
     """:func:`wf_conv2d` for rows already validated and bound to ``x`` (what the filtered layers call)."""
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     x, padding = _resolve_conv_padding(x, weight, stride, padding, dilation)
     args = dict(x=x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias, rows=rows,
                 stride=stride, padding=padding, dilation=dilation, groups=int(groups))
+    if fold is not None:
+        args["fold"] = fold
     chosen = resolve_backend("conv2d", backend, args)
+    if fold is not None and not getattr(chosen, "folds_rows", False):
+        g, gb = _fold_gates(chosen, alpha_weight, alpha_bias, bias, rows, fold)
+        return chosen.conv2d_gates(x, weight, g, gb, stride, padding, dilation, int(groups), act=fold.act)
     if rows.mask is not None:  # forget sets: gates composed here (differentiable), the backend applies them
         g, gb = set_gates(alpha_weight, alpha_bias, bias, rows.mask)
         return chosen.conv2d_gates(x, weight, g, gb, stride, padding, dilation, int(groups))
     return chosen.conv2d(**args)
 
 
-def wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows, backend=None):
-    """Filtered linear layer. ``x`` is [B, ..., F_in]; every token of sample n uses row ``rows[n]``."""
+def wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows, backend=None, fold=None):
+    """Filtered linear layer. ``x`` is [B, ..., F_in]; every token of sample n uses row ``rows[n]``. ``fold``: as in
+    :func:`wf_conv2d` (channels are the last dimension)."""
     if rows is None:
         return F.linear(x, weight, bias)
     if x.dim() < 2:
@@ -118,13 +141,18 @@ def wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows, backend=None):
     num_classes = _check_alphas(weight, bias, alpha_weight, alpha_bias)
     _check_device(x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias)
     rows = Rows.prepare(rows, num_classes, x.shape[0]).bind(x)
-    return linear_prepared(x, weight, bias, alpha_weight, alpha_bias, rows, backend)
+    return linear_prepared(x, weight, bias, alpha_weight, alpha_bias, rows, backend, fold)
 
 
-def linear_prepared(x, weight, bias, alpha_weight, alpha_bias, rows: LayerRows, backend=None):
+def linear_prepared(x, weight, bias, alpha_weight, alpha_bias, rows: LayerRows, backend=None, fold=None):
     """:func:`wf_linear` for rows already validated and bound to ``x`` (what the filtered layers call)."""
     args = dict(x=x, weight=weight, bias=bias, alpha_weight=alpha_weight, alpha_bias=alpha_bias, rows=rows)
+    if fold is not None:
+        args["fold"] = fold
     chosen = resolve_backend("linear", backend, args)
+    if fold is not None and not getattr(chosen, "folds_rows", False):
+        g, gb = _fold_gates(chosen, alpha_weight, alpha_bias, bias, rows, fold)
+        return chosen.linear_gates(x, weight, g, gb, act=fold.act)
     if rows.mask is not None:  # forget sets (see conv2d_prepared)
         g, gb = set_gates(alpha_weight, alpha_bias, bias, rows.mask)
         return chosen.linear_gates(x, weight, g, gb)

@@ -237,13 +237,15 @@ def prepare_rows(rows, num_classes: int, batch: int | None = None) -> Rows | Non
 
 
 class RouteFrame:
-    """The rows of one routed forward, and the filtered layers (by id) that asked for them."""
+    """The rows of one routed forward, the filtered layers (by id) that asked for them, and the folded outputs whose
+    BatchNorm / activation is still to step aside (``fold``: see :mod:`wfnet.fold`)."""
 
-    __slots__ = ("rows", "used")
+    __slots__ = ("rows", "used", "fold")
 
     def __init__(self, rows: Rows | None):
         self.rows = rows
         self.used: set[int] = set()
+        self.fold: list = []
 
 
 class RowRouter:

@@ -13,7 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .torch_ref import gate_dtype
+from ..fold import activate
+from .torch_ref import gate_dtype, sample_gates
 
 
 def _masked(weight, bias, alpha_weight, alpha_bias, rows):
@@ -47,9 +48,12 @@ class NaiveBackend:
         w, b = _masked(weight.to(x.dtype), None if bias is None else bias.to(x.dtype), alpha_weight, alpha_bias, rows.index)
         return self._conv(x, weight, w, b, stride, padding, dilation, groups)
 
-    def conv2d_gates(self, x, weight, g, gb, stride, padding, dilation, groups):
+    def sample_gates(self, alpha_weight, alpha_bias, bias, rows):
+        return sample_gates(alpha_weight, alpha_bias, bias, rows.index)
+
+    def conv2d_gates(self, x, weight, g, gb, stride, padding, dilation, groups, act="none"):
         w, b = _masked_gates(weight.to(x.dtype), g, gb)
-        return self._conv(x, weight, w, b, stride, padding, dilation, groups)
+        return activate(self._conv(x, weight, w, b, stride, padding, dilation, groups), act, in_place=True)
 
     def _conv(self, x, weight, w, b, stride, padding, dilation, groups):
         n = x.shape[0]
@@ -68,9 +72,9 @@ class NaiveBackend:
                        rows.index)
         return self._linear(x, weight, w, b)
 
-    def linear_gates(self, x, weight, g, gb):
+    def linear_gates(self, x, weight, g, gb, act="none"):
         w, b = _masked_gates(weight.to(x.dtype), g, gb)
-        return self._linear(x, weight, w, b)
+        return activate(self._linear(x, weight, w, b), act, in_place=True)
 
     def _linear(self, x, weight, w, b):
         n = x.shape[0]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..fold import activate
+
 
 def gate_dtype(alpha: torch.Tensor) -> torch.dtype:
     """The dtype the sigmoid runs in: at least fp32 (fp16 gates would round), fp64 kept (gradcheck)."""
@@ -49,6 +51,18 @@ def apply_gate(z: torch.Tensor, bias, alpha_weight, alpha_bias, rows, channel_di
     return torch.addcmul(gated_bias, z, gate, out=out)
 
 
+def sample_gates(alpha_weight, alpha_bias, bias, index: torch.Tensor):
+    """(g, gb) fp32 [B, C] for class rows ``index``: ``sigmoid(A_w)[r]`` and the gated bias ``sigmoid(A_b)[r] * b``
+    (``b`` when the layer has no bias gates; None without bias): the convention of ``wf_kernels.gates``."""
+    g = gate_rows(alpha_weight, index, torch.float32)
+    if bias is None:
+        return g, None
+    b = bias.float()
+    if alpha_bias is None:
+        return g, b.unsqueeze(0).expand(index.shape[0], -1)
+    return g, gate_rows(alpha_bias, index, torch.float32) * b
+
+
 def apply_sample_gates(z: torch.Tensor, g: torch.Tensor, gb, channel_dim: int) -> torch.Tensor:
     """``z * g + gb`` for per-sample gates given directly (g, gated bias gb: fp32 [B, C], e.g. composed for forget
     sets by ``wfnet.sets``), broadcast over ``z``'s positions. Overwrites the fresh ``z`` when no graph is needed."""
@@ -78,14 +92,18 @@ class TorchBackend:
         z = F.linear(x, weight)
         return apply_gate(z, bias, alpha_weight, alpha_bias, rows.index, channel_dim=z.dim() - 1)
 
-    # per-sample gates given directly (forget sets, see wfnet.ops)
-    def conv2d_gates(self, x, weight, g, gb, stride, padding, dilation, groups):
-        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        return apply_sample_gates(z, g, gb, channel_dim=1)
+    def sample_gates(self, alpha_weight, alpha_bias, bias, rows):
+        return sample_gates(alpha_weight, alpha_bias, bias, rows.index)
 
-    def linear_gates(self, x, weight, g, gb):
+    # per-sample gates given directly (forget sets, and the fold: see wfnet.ops); ``act``: the folded activation,
+    # applied in place on the fresh gated tensor (wfnet.fold.activate)
+    def conv2d_gates(self, x, weight, g, gb, stride, padding, dilation, groups, act="none"):
+        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        return activate(apply_sample_gates(z, g, gb, channel_dim=1), act, in_place=True)
+
+    def linear_gates(self, x, weight, g, gb, act="none"):
         z = F.linear(x, weight)
-        return apply_sample_gates(z, g, gb, channel_dim=z.dim() - 1)
+        return activate(apply_sample_gates(z, g, gb, channel_dim=z.dim() - 1), act, in_place=True)
 
 
 BACKEND = TorchBackend()

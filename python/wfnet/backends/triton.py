@@ -13,6 +13,7 @@ import torch
 try:
     import wf_kernels.ops as _kops
     from wf_kernels.autotune import INTERPRET
+    from wf_kernels.gates import sample_gates as _sample_gates
 except ImportError as exc:  # no Triton on this platform: the registry reports this as the backend's reason
     exc.wfnet_hint = "install triton (Linux) to use the fused kernels"
     raise
@@ -65,13 +66,18 @@ class TritonBackend:
     def linear(self, x, weight, bias, alpha_weight, alpha_bias, rows):
         return _kops.wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows.index, segments=rows.segments)
 
-    # per-sample gates given directly (forget sets, see wfnet.ops): the same fused kernels, which read [B, C] gates
-    def conv2d_gates(self, x, weight, g, gb, stride, padding, dilation, groups):
-        return _kops.wf_conv2d(x, weight, None, None, None, None, stride, padding, dilation, groups,
-                               gates=_fp32(g, gb))
+    def sample_gates(self, alpha_weight, alpha_bias, bias, rows):
+        """The rows' gates as the fused kernels gather them (deterministic class reduction in the backward)."""
+        return _sample_gates(alpha_weight, alpha_bias, bias, rows.index, rows.segments)
 
-    def linear_gates(self, x, weight, g, gb):
-        return _kops.wf_linear(x, weight, None, None, None, None, gates=_fp32(g, gb))
+    # per-sample gates given directly (forget sets, and the fold: see wfnet.ops): the same fused kernels, which read
+    # [B, C] gates; ``act``: an activation folded into their epilogue
+    def conv2d_gates(self, x, weight, g, gb, stride, padding, dilation, groups, act="none"):
+        return _kops.wf_conv2d(x, weight, None, None, None, None, stride, padding, dilation, groups,
+                               gates=_fp32(g, gb), act=act)
+
+    def linear_gates(self, x, weight, g, gb, act="none"):
+        return _kops.wf_linear(x, weight, None, None, None, None, gates=_fp32(g, gb), act=act)
 
 
 def _fp32(g, gb):
