@@ -133,3 +133,41 @@ def test_relearn_retain_budget_and_refusals():
         relearn_retain(model, fwd, params, x[:0], y[:0], x, y, c, "cpu")
     with pytest.raises(ValueError, match="no sample outside"):
         retain_pool(torch.full((5,), 2), 2, 10, gen)
+
+
+def test_ssd_baseline_per_class_with_its_cost(tmp_path, capsys):
+    """`wfnet baselines --methods ssd`: one dampened model per class, its seconds and samples in the metadata, the
+    full-data importances shared; an SSD option change needs --force and leaves the other baselines alone."""
+    import json
+
+    from wfnet.checkpoint import read_state_meta
+    from wfnet.cli import main
+    from wfnet.run import Run
+
+    run_dir = tmp_path / "run"
+    common = ["--no-progress", "--device", "cpu"]
+    assert main(["train", "--out", str(run_dir), "--image-size", "8", "--epochs", "2", "--train-limit", "300",
+                 "--test-limit", "100", *common]) == 0
+    assert main(["baselines", str(run_dir), "--methods", "ssd,random-labels", "--classes", "0,4", "--ssd-alpha", "5",
+                 "--max-steps", "2", *common]) == 0
+    run = Run.open(run_dir)
+    assert run.baseline_classes("ssd") == [0, 4]
+    metas = {c: read_state_meta(run_dir / "baselines" / "ssd" / f"class_{c}.safetensors") for c in (0, 4)}
+    for c, meta in metas.items():
+        assert meta["options"] == {"ssd_alpha": 5.0, "ssd_lambda": 1.0, "ssd_batch_size": 64}
+        assert meta["full_samples"] > meta["forget_samples"] > 0
+        assert meta["samples"] == meta["full_samples"] + meta["forget_samples"]
+        assert meta["seconds"] >= meta["full_importance_seconds"] > 0 and 0 < meta["dampened_fraction"] < 1
+    # computed once for both classes: the same full-data pass is in both classes' cost
+    assert metas[0]["full_importance_seconds"] == metas[4]["full_importance_seconds"]
+    summary = json.loads((run_dir / "baselines" / "ssd" / "summary.json").read_text())
+    assert set(summary["seconds"]) == {"0", "4"}
+    original, dampened = run.original_model(), run.baseline_model("ssd", 0)
+    assert any(not torch.equal(a, b) for a, b in zip(original.state_dict().values(), dampened.state_dict().values()))
+    # another alpha: refused without --force, and it does not concern random-labels
+    assert main(["baselines", str(run_dir), "--methods", "ssd", "--classes", "0", "--ssd-alpha", "20", *common]) == 2
+    assert "ssd_alpha: 5.0 -> 20.0" in capsys.readouterr().err
+    assert main(["baselines", str(run_dir), "--methods", "random-labels", "--classes", "0", "--ssd-alpha", "20",
+                 "--max-steps", "2", *common]) == 0
+    assert main(["evaluate", str(run_dir), "--metrics", "acc", "--methods", "original,ssd", *common]) == 0
+    assert "| SSD (2 classes) |" in (run_dir / "eval" / "table1.md").read_text()

@@ -6,6 +6,12 @@
 * ``negative-gradients``: fine-tune the original with gradient ASCENT on class-c samples, balanced by descent on an
   equal number of other samples in the same step (without it the ascent destroys every class); it stops as soon as
   the model's accuracy on the class-c validation samples reaches 0, or after ``epochs`` passes over class c.
+* ``ssd``: Selective Synaptic Dampening (:mod:`wfnet.ssd`; Foster et al., AAAI 2024), no training: parameters much
+  more important (diagonal Fisher) to class c than to the full training data are dampened. Hyper-parameters
+  ``ssd_alpha`` (selection weighting, default 10) and ``ssd_lambda`` (dampening constant, default 1), the authors'
+  defaults; the digits sweep is docs/results/ssd_sweep_digits.md. The full-data importances are computed once per
+  invocation and shared by its classes; each class's ``seconds`` is what that class alone costs (the full-data pass
+  included; ``full_importance_seconds`` and ``samples`` in its metadata say how it splits).
 
 ``max_steps`` caps the optimizer steps of random-labels / negative-gradients per class (small machines).
 
@@ -32,11 +38,12 @@ from .errors import RunError
 from .metrics import accuracy
 from .run import TABLES, Run, baseline_summary, differences, dir_options, new_stamp
 from .seeds import derive_seed
+from .ssd import SSD_ALPHA, SSD_LAMBDA, fisher_importance, ssd_unlearn
 from .train import TrainConfig, drop_single_last, train_classifier
 
 __all__ = ["BaselineConfig", "unlearn_baseline", "METHODS", "run", "made_with", "made_otherwise"]
 
-METHODS = ("retrain", "random-labels", "negative-gradients")  # the order of the tables
+METHODS = ("retrain", "random-labels", "negative-gradients", "ssd")  # the order of the tables
 
 
 @dataclass
@@ -50,9 +57,25 @@ class BaselineConfig:
     max_steps: int | None = opt(None, "random-labels / negative-gradients: optimizer steps at most per class "
                                       "(default: the full epochs)")
     seed: int = opt(0, "seed of the data order and of the random labels")
+    ssd_alpha: float = opt(SSD_ALPHA, "ssd: selection weighting alpha (dampen parameters whose class-c importance "
+                                      "exceeds alpha x their full-data importance)")
+    ssd_lambda: float = opt(SSD_LAMBDA, "ssd: dampening constant lambda (a selected weight is multiplied by "
+                                        "min(lambda x full-data / class-c importance, 1))")
+    ssd_batch_size: int = opt(64, "ssd: mini-batch size of the importance passes (the batch-level Fisher depends "
+                                  "on it)")
 
 
 _WHICH = ("methods", "classes")  # which models to make, not how: not part of what a model was made with
+
+
+def _own(method: str, options: dict) -> dict:
+    """The options that decide ``method``'s models: without which methods / classes are asked for, and for ssd its
+    ssd_* options only (no fine-tuning option changes an SSD model; no ssd_* option changes the fine-tuned ones)."""
+    if method == "retrain":
+        return dict(options)
+    if method == "ssd":
+        return {k: v for k, v in options.items() if k.startswith("ssd_")}
+    return {k: v for k, v in options.items() if k not in _WHICH and not k.startswith("ssd_")}
 
 
 def _random_labels(original, train_ds, c, num_classes, cfg, device, progress):
@@ -110,10 +133,39 @@ def _negative_gradients(original, train_ds, val_ds, c, cfg, device, progress):
     return model.eval()
 
 
+def _ssd(original, train_ds, c, cfg, device, shared: dict, info: dict):
+    if "full" not in shared:  # the full-data importances: once per invocation, for every class
+        t0 = time.perf_counter()
+        loader = DataLoader(train_ds, batch_size=cfg.ssd_batch_size)
+        shared["full"] = fisher_importance(original.to(device), loader, device)
+        shared["full_seconds"] = time.perf_counter() - t0
+    full_imp, full_samples = shared["full"]
+    labels = labels_of(train_ds)
+    forget = Subset(train_ds, (labels == c).nonzero().flatten().tolist())
+    if len(forget) == 0:
+        raise RunError(f"ssd: the training set has no sample of class {c}")
+    res = ssd_unlearn(original, DataLoader(forget, batch_size=cfg.ssd_batch_size), alpha=cfg.ssd_alpha,
+                      lam=cfg.ssd_lambda, device=device, full_importance=full_imp)
+    info.update(samples=res.samples + full_samples, forget_samples=res.samples, full_samples=full_samples,
+                full_importance_seconds=shared["full_seconds"], dampened_fraction=res.fraction_dampened)
+    return res.model, res.seconds + shared["full_seconds"]
+
+
 def unlearn_baseline(method: str, original: nn.Module, bundle, c: int, cfg: BaselineConfig, device,
-                     build_fresh=None, train_cfg: TrainConfig | None = None, progress: bool = True) -> tuple[nn.Module, float]:
-    """Run baseline ``method`` for class ``c``; returns (the unlearned model, seconds it took)."""
+                     build_fresh=None, train_cfg: TrainConfig | None = None, progress: bool = True,
+                     shared: dict | None = None, info: dict | None = None) -> tuple[nn.Module, float]:
+    """Run baseline ``method`` for class ``c``; returns (the unlearned model, seconds it took).
+
+    ``shared``: a dict kept across the classes of one invocation (ssd keeps its full-data importances there);
+    ``info``: filled with what the method reports beyond seconds (ssd: samples, the full-data pass's seconds, the
+    fraction of parameter elements dampened)."""
     t0 = time.time()
+    if method == "ssd":
+        model, seconds = _ssd(original, bundle.train, c, cfg, device, {} if shared is None else shared,
+                              {} if info is None else info)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval(), seconds
     if method == "retrain":
         if build_fresh is None or train_cfg is None:
             raise ValueError("retrain needs build_fresh and train_cfg")
@@ -137,7 +189,7 @@ def made_with(run: Run, method: str, cfg: BaselineConfig) -> dict:
     (without which methods and classes are asked for)."""
     if method == "retrain":
         return asdict(TrainConfig(**run.config["train"]))
-    return {k: v for k, v in asdict(cfg).items() if k not in _WHICH}
+    return _own(method, asdict(cfg))
 
 
 def _saved(run: Run, method: str) -> dict | None:
@@ -146,7 +198,7 @@ def _saved(run: Run, method: str) -> dict | None:
     if saved is None:
         return None
     full = with_defaults(TrainConfig if method == "retrain" else BaselineConfig, saved)
-    return {k: v for k, v in full.items() if k not in _WHICH}
+    return _own(method, full) if method != "retrain" else {k: v for k, v in full.items() if k not in _WHICH}
 
 
 def made_otherwise(run: Run, method: str, cfg: BaselineConfig) -> bool:
@@ -181,6 +233,7 @@ def run(run: Run, cfg: BaselineConfig | None = None, *, force: bool = False, pro
     original = run.original_model()
     stamp_original = run.original_info()["stamp"]
     summaries = {}
+    shared: dict = {}  # across classes (ssd's full-data importances)
     for method in methods:
         new_opts = made_with(run, method, cfg)
         old = _saved(run, method)
@@ -189,18 +242,20 @@ def run(run: Run, cfg: BaselineConfig | None = None, *, force: bool = False, pro
         swap = old is not None and old != new_opts
         pending_opts = dir_options(pending) if pending.exists() else None
         if pending.exists() and (not swap or pending_opts is not None and
-                                 {k: v for k, v in pending_opts.items() if k not in _WHICH} != new_opts):
+                                 _own(method, {k: v for k, v in pending_opts.items() if k not in _WHICH})
+                                 != new_opts):
             run.discard(pending)  # an interrupted replacement with yet other options
         target = pending if swap else final
         for c in classes:
             path = target / f"class_{c}.safetensors"
             if path.exists() and not (force and not swap):
                 continue
+            info: dict = {}
             model, seconds = unlearn_baseline(method, original, run.data, c, cfg, run.device,
                                               build_fresh=lambda: run.build_model(seed=tcfg.seed),
-                                              train_cfg=tcfg, progress=progress)
+                                              train_cfg=tcfg, progress=progress, shared=shared, info=info)
             meta = {"stamp": new_stamp(), "original_stamp": stamp_original, "method": method, "class": c,
-                    "seconds": seconds, "options": new_opts}
+                    "seconds": seconds, "options": new_opts, **info}
             if swap:  # not visible as a result until the whole folder is swapped in
                 save_model(model, path, meta)
                 files.write_json(target / "summary.json", baseline_summary(method, target))

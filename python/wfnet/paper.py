@@ -17,7 +17,7 @@ __all__ = ["TABLE1", "TABLE2", "normalise_dataset", "normalise_backbone", "norma
 
 # method key -> the paper's row label
 METHOD_LABELS = {"original": "original", "retrain": "retrained", "random-labels": "random labels",
-                 "negative-gradients": "negative gradients", "wfnet": "WF-Net"}
+                 "negative-gradients": "negative gradients", "ssd": "SSD", "wfnet": "WF-Net"}
 
 # (backbone, method) -> {dataset: (Acc_r, Acc_f, ZRF as printed, RT as printed or None)}
 _T1 = {
@@ -128,7 +128,7 @@ def normalise_method(name: str) -> str | None:
     s = _squash(name)
     table = {"original": "original", "retrain": "retrain", "retrained": "retrain", "randomlabels": "random-labels",
              "randomlabel": "random-labels", "negativegradients": "negative-gradients",
-             "negativegradient": "negative-gradients", "neggrad": "negative-gradients", "wfnet": "wfnet"}
+             "negativegradient": "negative-gradients", "neggrad": "negative-gradients", "ssd": "ssd", "wfnet": "wfnet"}
     return table.get(s)
 
 
