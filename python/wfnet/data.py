@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .config import DATASET_NAMES
+from .seeds import derive_seed
 
 __all__ = ["DataBundle", "load_dataset", "DATASET_NAMES", "default_image_size", "labels_of"]
 
@@ -195,8 +196,8 @@ def load_dataset(name: str = "digits", root=None, image_size: int | None = None,
     else:
         train, test, classes, chans = _folders(root, name, image_size, augment,
                                                5 if name == "imagenet" else None, seed)
-    train = _limit(train, train_limit, seed)
-    test = _limit(test, test_limit, seed + 1)
+    train = _limit(train, train_limit, derive_seed(seed, "subset", "train"))
+    test = _limit(test, test_limit, derive_seed(seed, "subset", "test"))
     train, val = _split(train, val_fraction, seed)
     if exclude_class is not None:
         if not 0 <= exclude_class < len(classes):
@@ -207,11 +208,12 @@ def load_dataset(name: str = "digits", root=None, image_size: int | None = None,
 
 
 def _limit(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    """A fixed random subset of ``n`` samples (``seed``: derived per split by the caller)."""
     if n is None or n >= len(ds):
         return ds
     if n < 1:
         raise ValueError(f"a sample limit must be >= 1, got {n}")
-    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + 12345))[:n]
+    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     return Subset(ds, sorted(keep.tolist()))
 
 
