@@ -4,6 +4,7 @@
 import ast
 import dataclasses
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -77,8 +78,11 @@ def test_no_arithmetic_seeds_left():
         if path.name == "seeds.py":  # its docstring names them
             continue
         text = path.read_text()
-        for pattern in ("7919", "1_000_003", "* 1000 + c", "+ 12345", "seed + epoch", "seed + 1)"):
+        for pattern in ("7919", "1_000_003", "* 1000 + c", "+ 12345", "seed + epoch", "seed + 1)", "* 1009 + size"):
             assert pattern not in text, (path.name, pattern)
+        # the general shape too (set_eval.random_sets had seed * 1009 + size): seed combined arithmetically
+        hit = re.search(r"\bseed\s*[*+]\s*(\d|epoch|step|size|c\b)", text)
+        assert hit is None, (path.name, hit and hit.group(0))
 
 
 def test_model_registry_is_the_one_list_of_names():

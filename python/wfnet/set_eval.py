@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from . import metrics as M
 from . import sets as S
 from .data import labels_of
+from .seeds import derive_seed
 
 __all__ = ["SetEvalConfig", "random_sets", "set_row", "evaluate_sets", "retrain_without", "sets_table_md",
            "retrain_path"]
@@ -70,7 +71,7 @@ def random_sets(num_classes: int, size: int, count: int, seed: int = 0) -> list[
     total = math.comb(num_classes, size)
     if count > total:
         raise ValueError(f"only {total} distinct sets of {size} among {num_classes} classes, asked for {count}")
-    g = torch.Generator().manual_seed(seed * 1009 + size)
+    g = torch.Generator().manual_seed(derive_seed(seed, "random-sets", size))
     out: list[list[int]] = []
     while len(out) < count:
         s = sorted(torch.randperm(num_classes, generator=g)[:size].tolist())
