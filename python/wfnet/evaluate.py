@@ -1,9 +1,9 @@
-"""Run-level evaluation: what ``wfnet evaluate`` (:meth:`wfnet.Run.evaluate`) computes and writes.
+"""The ``evaluate`` stage: what ``wfnet evaluate`` computes and writes.
 
-:func:`run` (the ``evaluate`` stage, options :class:`EvalConfig`) computes every metric of :mod:`wfnet.metrics` for the original model, WF-Net and each baseline
-present in the run (insertion / deletion for WF-Net only; RT not for the original) and writes Table 1 (Acc_r, Acc_f,
-ZRF, RT) and Table 2 (insertion, deletion) as markdown and JSON under ``run_dir/eval/`` (rendered by
-:mod:`wfnet.report`), in one commit. The audit metrics (``mia``, ``probe``, ``relearn_fewshot``, ``relearn_retain``)
+:func:`run` (options :class:`EvalConfig`) computes every metric of :mod:`wfnet.metrics` for the original model,
+WF-Net and each baseline present in the run (insertion / deletion for WF-Net only; RT not for the original) and
+writes Table 1 (Acc_r, Acc_f, ZRF, RT) and Table 2 (insertion, deletion) as markdown and JSON under
+``run_dir/eval/`` (rendered by :mod:`wfnet.report`), in one commit. The audit metrics (``mia``, ``probe``, ``relearn_fewshot``, ``relearn_retain``)
 go to :func:`wfnet.audit.run` (``eval/audit.{md,json}``).
 
 Caching: each (metric, method) pair has its own file ``run_dir/eval/<metric>_<method>.json`` holding the
@@ -301,6 +301,36 @@ def _table2(ev: Evaluator, methods, classes, dataset, backbone) -> dict:
 # The stage
 
 
+def _methods_and_classes(run: Run, methods, all_classes: list[int]) -> tuple[list[str], dict]:
+    """The methods to evaluate (default: the original, every baseline present in table order, WF-Net once the run
+    has gates) and the classes of each (a baseline: those it has models for). A run whose gates were deleted by
+    hand while results still describe them is refused, never shown without its WF-Net row."""
+    found = list(run.baseline_methods())
+    baselines = [m for m in BASELINE_METHODS if m in found] + [m for m in found if m not in BASELINE_METHODS]
+    has_gates = run.model_stamp("wfnet") is not None
+    root = Path(run.run_dir)
+    if not has_gates and (methods is None or "wfnet" in methods):
+        # results.md / untrain_summary.json still describe gates whose file is gone (deleted by hand): evaluating
+        # without them would drop the WF-Net row silently while results.md still shows it
+        left = [n for n in ("results.json", "results.md", "untrain_summary.json") if (root / n).exists()]
+        if left:
+            raise RunError(f"{root / FILTERS} does not exist although {', '.join(left)} describe(s) its gates: "
+                           f"recreate it with `wfnet untrain {root}` (the options are in results.json), or leave "
+                           f"WF-Net out with --methods")
+        if methods is not None:
+            raise RunError(f"{root / FILTERS} does not exist: untrain first (`wfnet untrain {root}`), or leave "
+                           f"WF-Net out of --methods")
+    if methods is None:
+        methods = ["original", *baselines] + (["wfnet"] if has_gates else [])
+    methods = list(methods)
+    for m in methods:
+        if m not in ("original", "wfnet") and m not in baselines:
+            raise RunError(f"method {m!r} is not in this run; it has original, wfnet and {baselines}")
+    classes_of = {m: (all_classes if m in ("original", "wfnet")
+                      else [c for c in all_classes if c in set(run.baseline_classes(m))]) for m in methods}
+    return methods, classes_of
+
+
 def run(run: Run, cfg: EvalConfig | None = None, *, force: bool = False, progress: bool = True) -> dict:
     """The ``evaluate`` stage: compute the requested metrics for every method of the run and write Tables 1 and 2
     under ``run_dir/eval``.
@@ -327,30 +357,8 @@ def run(run: Run, cfg: EvalConfig | None = None, *, force: bool = False, progres
     bad = [c for c in all_classes if not 0 <= c < run.num_classes]
     if bad:
         raise RunError(f"classes {bad} are out of range: num_classes={run.num_classes}")
-    found = list(run.baseline_methods())
-    baselines = [m for m in BASELINE_METHODS if m in found] + [m for m in found if m not in BASELINE_METHODS]
-    has_gates = run.model_stamp("wfnet") is not None
+    methods, classes_of = _methods_and_classes(run, cfg.methods, all_classes)
     root = Path(run.run_dir)
-    methods = cfg.methods
-    if not has_gates and (methods is None or "wfnet" in methods):
-        # results.md / untrain_summary.json still describe gates whose file is gone (deleted by hand): evaluating
-        # without them would drop the WF-Net row silently while results.md still shows it
-        left = [n for n in ("results.json", "results.md", "untrain_summary.json") if (root / n).exists()]
-        if left:
-            raise RunError(f"{root / FILTERS} does not exist although {', '.join(left)} describe(s) its gates: "
-                           f"recreate it with `wfnet untrain {root}` (the options are in results.json), or leave "
-                           f"WF-Net out with --methods")
-        if methods is not None:
-            raise RunError(f"{root / FILTERS} does not exist: untrain first (`wfnet untrain {root}`), or leave "
-                           f"WF-Net out of --methods")
-    if methods is None:  # WF-Net once the run has gates
-        methods = ["original", *baselines] + (["wfnet"] if has_gates else [])
-    methods = list(methods)
-    for m in methods:
-        if m not in ("original", "wfnet") and m not in baselines:
-            raise RunError(f"method {m!r} is not in this run; it has original, wfnet and {baselines}")
-    classes_of = {m: (all_classes if m in ("original", "wfnet")
-                      else [c for c in all_classes if c in set(run.baseline_classes(m))]) for m in methods}
 
     for m in methods:
         if not classes_of[m]:

@@ -60,7 +60,8 @@ RESULTS_MD = "results.md"
 TABLES = ("eval/table1.md", "eval/table1.json", "eval/table2.md", "eval/table2.json")
 # what describes the gates (removed in the same step as new gates land)
 GATE_DERIVED = (*TABLES, "explain")
-_IDENTITY = ("model", "dataset", "image_size", "patch_size", "stem_stride", "augment", "train_limit", "test_limit", "exclude_class", "train")
+_IDENTITY = ("model", "dataset", "image_size", "patch_size", "stem_stride", "augment", "train_limit", "test_limit",
+             "exclude_class", "train")
 
 
 def differences(old: dict, new: dict, keys=None) -> str:

@@ -118,11 +118,12 @@ class UntrainConfig:
 
 
 def recipe(name: str = "tuned", kind: str = "cnn", **overrides) -> UntrainConfig:
-    """The ``paper`` or ``tuned`` recipe for a backbone of kind ``kind`` (:attr:`wfnet.WFModel.kind`), with overrides (None = keep the recipe's
-    value; an ``alpha_clamp`` of 0 or less = no clamp)."""
+    """The ``paper`` or ``tuned`` recipe for a backbone of kind ``kind`` (:attr:`wfnet.WFModel.kind`, the one home
+    of a model's kind), with overrides (None = keep the recipe's value; an ``alpha_clamp`` of 0 or less = no
+    clamp)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}: use one of {', '.join(RECIPES)}")
-    if kind not in ("cnn", "vit"):  # WFModel.kind, the one home of a model's kind
+    if kind not in ("cnn", "vit"):
         raise ValueError(f"kind must be 'cnn' or 'vit' (WFModel.kind), got {kind!r}")
     if name == "paper":
         cfg = UntrainConfig(recipe="paper", optimizer="sgd", lr=100.0, lambda_retain=1.0,
