@@ -174,3 +174,45 @@ def test_reproduce_killed_during_a_stage_counts_the_killed_process_time(tmp_path
     assert killed >= 2.0 and stage not in (json.loads(timing_file.read_text()) if timing_file.exists() else {})
     run()
     assert json.loads(timing_file.read_text())[stage] > killed  # the killed part plus the resumed run's own
+
+
+def test_reproduce_over_seeds_reports_mean_and_std_of_table1_and_the_audit(tmp_path, monkeypatch):
+    """`wfnet reproduce --seeds 0,1` on a tiny audit profile: one folder per seed with the seed in every stage's
+    options, then OUT/seeds.{md,json} with mean and std over the seeds of Acc_r / Acc_f / ZRF and the audit."""
+    import numpy as np
+
+    from wfnet.checkpoint import read_state_meta
+    from wfnet.run import Run
+
+    tiny = {**TINY, "baselines": {"ssd": [0], "random-labels": [0]},
+            "baseline_options": {"max_steps": 2, "ssd_alpha": 50.0}, "eval": {"metrics": ["acc", "zrf"]},
+            "audit": {"audit_samples": 40, "audit_shots": [5], "audit_steps": 2, "retain_steps": 2,
+                      "retain_samples": 40},
+            "audit_metrics": ["mia", "relearn_retain"], "explain": False}
+    monkeypatch.setitem(R.PROFILES, "audit", {"small_cnn": tiny})
+    out = tmp_path / "rep"
+    assert main(["reproduce", "--out", str(out), "--dataset", "digits", "--models", "small_cnn", "--profile",
+                 "audit", "--seeds", "0,1", "--device", "cpu", "--no-progress"]) == 0
+    for seed in (0, 1):
+        run = Run.open(out / f"seed_{seed}" / "small_cnn")
+        assert run.config["train"]["seed"] == seed and run.untrain_options()["seed"] == seed
+        assert read_state_meta(run.baseline_dir("random-labels") / "class_0.safetensors")["options"]["seed"] == seed
+        audit = json.loads((out / f"seed_{seed}" / "small_cnn" / "eval" / "audit.json").read_text())
+        assert audit["protocol"]["seed"] == seed and audit["classes"] == [0]
+        assert not (out / f"seed_{seed}" / "small_cnn" / "explain").exists()
+        assert "made with other settings" not in (out / f"seed_{seed}" / "combined.md").read_text().lower()
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    rows = summary["table"]["small_cnn"]
+    assert {"original", "WF-Net", "SSD", "random labels"} <= set(rows)
+    per_seed = [json.loads((out / f"seed_{s}" / "small_cnn" / "eval" / "table1.json").read_text()) for s in (0, 1)]
+    acc_f = [next(r["acc_f"] for r in t["rows"] if r["method"] == "wfnet") for t in per_seed]
+    assert rows["WF-Net"]["acc_f"]["values"] == acc_f
+    assert rows["WF-Net"]["acc_f"]["mean"] == pytest.approx(np.mean(acc_f))
+    assert rows["WF-Net"]["acc_f"]["std"] == pytest.approx(np.std(acc_f, ddof=1))
+    assert rows["WF-Net"]["relearn_retain"]["n"] == 2 and "mia" in rows["SSD"]
+    md = (out / "seeds.md").read_text()
+    assert "Mean ± std over seeds [0, 1]" in md and "| WF-Net |" in md and "±" in md
+    with pytest.raises(ValueError, match="distinct seeds"):
+        R.run(R.ReproduceConfig(out=str(out), dataset="digits", models=["small_cnn"], profile="audit",
+                                seeds=[1, 1]), device="cpu", progress=False, log=lambda m: None)

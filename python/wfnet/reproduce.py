@@ -21,6 +21,15 @@ Profiles (the settings are written into the report):
 
 * ``demo`` / ``demo-quick``: ``wfnet demo`` (``--quick``): the small CNN on the embedded digits, every stage, with the
   unlearning audit (not in the quick one), in one run folder (:func:`run_backbone` without the combined report).
+* ``audit`` (MNIST) / ``audit-digits`` (the embedded digits): the small CNN, every baseline (SSD included) for a few
+  classes, Table 1 without RT / insertion-deletion, the full unlearning audit (retain-only relearning included) on
+  those classes, no explanations: the audit of docs/results/audit_seeds.md, meant for ``--seeds``.
+
+Seeds (``--seeds 0 1 2``): every backbone runs once per seed in ``OUT/seed_<s>/`` (its own combined report there),
+with the seed in every stage's options (training: initialisation and data order; untraining: data order and rows;
+baselines: data order, random labels; RT samples; the audit's draws and attacks); then ``OUT/seeds.{md,json}``
+holds the mean and the standard deviation over the seeds of Acc_r, Acc_f, ZRF and every audit metric, per backbone
+and model (:func:`seeds_summary`; sample standard deviation, ddof 1).
 
 ``PROFILES[profile][backbone]`` holds, per backbone: ``model`` (the architecture trained), ``data`` (DataConfig
 fields), ``train`` (TrainConfig), ``untrain`` (UntrainConfig over the tuned / paper recipe), ``baselines`` (method
@@ -31,12 +40,14 @@ report covers every backbone found in OUT.
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -50,7 +61,8 @@ from .explain import ExplainConfig
 from .run import Run, differences
 from .train import TrainConfig
 
-__all__ = ["PROFILES", "BACKBONES", "ReproduceConfig", "run", "run_backbone", "combined_tables", "made_otherwise"]
+__all__ = ["PROFILES", "BACKBONES", "ReproduceConfig", "run", "run_backbone", "combined_tables", "made_otherwise",
+           "seeded", "seeds_summary"]
 
 BACKBONES = ("vgg16", "resnet18", "vit_tiny", "vit_small")
 
@@ -114,10 +126,31 @@ PROFILES["demo"] = {"small_cnn": {"model": "small_cnn", "data": {}, "train": {"e
                                   "untrain": {"max_epochs": 20},
                                   "baselines": {"random-labels": None, "negative-gradients": None},
                                   "baseline_options": {}, "eval": {"rt_max_epochs": 100},
-                                  "audit": {"audit_samples": 500, "audit_shots": [10], "audit_steps": 30}}}
+                                  "audit": {"audit_samples": 500, "audit_shots": [10], "audit_steps": 30},
+                                  # the demo's audit predates relearn_retain; kept to its three metrics (demo time)
+                                  "audit_metrics": ["mia", "probe", "relearn_fewshot"]}}
 PROFILES["demo-quick"] = {"small_cnn": {"model": "small_cnn", "data": {}, "train": {"epochs": 8, "batch_size": 64},
                                         "untrain": {"max_epochs": 8}, "baselines": {}, "baseline_options": {},
                                         "eval": {"rt_max_epochs": 20}}}
+# The audit across seeds (docs/results/audit_seeds.md): every baseline for the audited classes only, the full audit.
+# SSD's alpha from the digits sweep (docs/results/ssd_sweep_digits.md): the authors' 10 dampens a third of the small
+# CNN's weights and leaves Acc_r at 34 %, 50 is the smallest grid value that keeps Acc_r near 90 % with Acc_f 0.
+_AUDIT_AUDIT = {"audit_samples": 500, "audit_shots": [10], "audit_steps": 30}
+PROFILES["audit"] = {"small_cnn": {"model": "small_cnn", "data": {"train_limit": 10_000}, "train": {"epochs": 2},
+                                   "untrain": {"max_epochs": 1},
+                                   "baselines": {m: [0, 1] for m in ("retrain", "random-labels", "negative-gradients",
+                                                                     "ssd")},
+                                   "baseline_options": {"ssd_alpha": 50.0},
+                                   "eval": {"metrics": ["acc", "zrf"], "test_limit": 2000},
+                                   "audit": _AUDIT_AUDIT, "explain": False}}
+PROFILES["audit-digits"] = {"small_cnn": {**PROFILES["audit"]["small_cnn"], "data": {},
+                                          "train": {"epochs": 15, "batch_size": 64}, "untrain": {"max_epochs": 20},
+                                          "baselines": {m: [0, 1, 2] for m in ("retrain", "random-labels",
+                                                                               "negative-gradients", "ssd")},
+                                          "eval": {"metrics": ["acc", "zrf"]}}}
+
+
+_PROFILE_MODELS = tuple(dict.fromkeys(m for prof in PROFILES.values() for m in prof))  # every profile's backbones
 
 
 @dataclass
@@ -126,10 +159,16 @@ class ReproduceConfig:
     out: str = opt("runs/reproduce", "folder for one run folder per backbone and the combined report")
     dataset: str = opt("mnist", "mnist, cifar10, imagenet, ...")
     data_root: str | None = opt(None, "folder holding the dataset (default: $WFNET_DATA_ROOT)")
-    models: list[str] | None = opt_list(f"comma-separated subset of {','.join(BACKBONES)} (default: all)", BACKBONES)
+    models: list[str] | None = opt_list(f"comma-separated subset of {','.join(BACKBONES)} (default: all; small_cnn "
+                                        f"for the demo / audit profiles)", _PROFILE_MODELS)
     profile: str = opt("cpu", "cpu: what 2 CPU cores allow (subsets, few epochs, baselines for a few classes; "
-                              "written into the report); paper: the paper's settings",
-                       choices=("cpu", "paper"))
+                              "written into the report); paper: the paper's settings; audit / audit-digits: the "
+                              "small CNN on MNIST / the digits with every baseline and the full audit on a few "
+                              "classes (--models small_cnn; for --seeds)",
+                       choices=("cpu", "paper", "audit", "audit-digits"))
+    seeds: list[int] | None = opt_list("run every backbone once per seed, in OUT/seed_<s>/, and report the mean and "
+                                       "standard deviation over the seeds in OUT/seeds.md (default: once, seed 0, "
+                                       "in OUT/)")
     paper_recipe_for: list[str] = field(default_factory=lambda: ["resnet18", "vit_tiny"],
                                         metadata={"help": "backbones also untrained with the paper recipe",
                                                   "flag": False})
@@ -239,8 +278,11 @@ def run_backbone(run_dir, p: dict, dataset: str, *, device=None, data_root: str 
         run, EvalConfig(**p["eval"]), force="evaluate" in times.get(_REDO, []), progress=progress))
     if "audit" in p:
         results["audit"] = timed("audit", lambda: evaluate.run(
-            run, EvalConfig(**{**p["eval"], "metrics": list(AUDIT_METRICS)}, audit=AuditConfig(**p["audit"])),
+            run, EvalConfig(**{**p["eval"], "metrics": list(p.get("audit_metrics", AUDIT_METRICS))},
+                            audit=AuditConfig(**p["audit"])),
             force="audit" in times.get(_REDO, []), progress=progress)["audit"])
+    if not p.get("explain", True):
+        return results
     results["explain"] = timed("explain", lambda: explain.run(
         run, ExplainConfig(insdel_steps=p["eval"].get("insdel_steps", 21), test_limit=p["eval"].get("test_limit")),
         force="explain" in times.get(_REDO, []), progress=progress))
@@ -265,17 +307,109 @@ def run(cfg: ReproduceConfig | None = None, *, device=None, progress: bool = Tru
         raise ValueError(f"no {profile} profile for {unknown}: choose among {', '.join(PROFILES[profile])}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    seeds = None if cfg.seeds is None else [int(s) for s in cfg.seeds]
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0):
+        raise ValueError(f"--seeds needs distinct seeds >= 0, got {cfg.seeds}")
+    reports = {}
+    for seed in seeds or [None]:
+        folder = out if seed is None else out / f"seed_{seed}"
+        for model in models:
+            p = seeded(PROFILES[profile][model], seed)
+            log(f"== {model} ({p['model']}, {profile} profile{'' if seed is None else f', seed {seed}'}) in "
+                f"{folder / model}")
+            run_backbone(folder / model, p, cfg.dataset, device=device, data_root=cfg.data_root,
+                         paper_recipe=model in cfg.paper_recipe_for, progress=progress, force=force, log=log,
+                         timing_file=folder / "timing" / f"{model}.json")
+        # also other processes' runs
+        found = [m for m in PROFILES[profile] if (folder / "timing" / f"{m}.json").exists()]
+        timing = {m: files.read_json(folder / "timing" / f"{m}.json") for m in found}
+        reports[seed] = combined_tables(folder, cfg.dataset, found, profile, timing, seed=seed)
+    if seeds is None:
+        log(reports[None]["markdown"])
+        return reports[None]
+    summary = seeds_summary(out, seeds, models, cfg.dataset, profile)
+    log(summary["markdown"])
+    return {**summary, "per_seed": reports}
+
+
+def seeded(p: dict, seed: int | None) -> dict:
+    """Profile entry ``p`` with ``seed`` in every stage's options (None: ``p`` as it is, every seed its default)."""
+    if seed is None:
+        return p
+    p = copy.deepcopy(p)
+    for stage, key in (("train", "seed"), ("untrain", "seed"), ("baseline_options", "seed"), ("eval", "rt_seed"),
+                       ("audit", "audit_seed")):
+        if stage in p:
+            p[stage][key] = int(seed)
+    return p
+
+
+def _mean_std(values: list) -> dict | None:
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "n": len(values), "values": values}
+
+
+def seeds_summary(out, seeds, models, dataset: str, profile: str) -> dict:
+    """Mean and standard deviation over ``seeds`` (sample std, ddof 1) of Acc_r, Acc_f, ZRF (Table 1, per model)
+    and of every audit metric (per audited model), from ``OUT/seed_<s>/<backbone>/eval/``; written to
+    ``OUT/seeds.{md,json}``. A value missing for a seed (e.g. no audit) is left out of that cell's ``n``."""
+    out = Path(out)
+    table: dict = {}   # backbone -> model label -> metric -> [values per seed]
+    audit_classes: dict = {}
     for model in models:
-        p = PROFILES[profile][model]
-        log(f"== {model} ({p['model']}, {profile} profile) in {out / model}")
-        run_backbone(out / model, p, cfg.dataset, device=device, data_root=cfg.data_root,
-                     paper_recipe=model in cfg.paper_recipe_for, progress=progress, force=force, log=log,
-                     timing_file=out / "timing" / f"{model}.json")
-    found = [m for m in PROFILES[profile] if (out / "timing" / f"{m}.json").exists()]  # also other processes' runs
-    timing = {m: files.read_json(out / "timing" / f"{m}.json") for m in found}
-    report = combined_tables(out, cfg.dataset, found, profile, timing)
-    log(report["markdown"])
-    return report
+        rows: dict = {}
+        for seed in seeds:
+            ev = out / f"seed_{seed}" / model / "eval"
+            if (ev / "table1.json").exists():
+                for r in json.loads((ev / "table1.json").read_text())["rows"]:
+                    cell = rows.setdefault(r["model"], {})
+                    for k in ("acc_r", "acc_f", "zrf"):
+                        cell.setdefault(k, []).append(r.get(k))
+            if (ev / "audit.json").exists():
+                audit = json.loads((ev / "audit.json").read_text())
+                audit_classes[model] = audit["classes"]
+                for name, res in audit["mean"].items():
+                    # the served WF-Net is Table 1's "WF-Net" row; baselines carry the same label in both
+                    cell = rows.setdefault("WF-Net" if name == "WF-Net (row c)" else name, {})
+                    for k, v in res.items():
+                        cell.setdefault(k, []).append(v)
+        table[model] = {name: {k: _mean_std(v) for k, v in cell.items()} for name, cell in rows.items()}
+    cols = []
+    for rows in table.values():
+        for cell in rows.values():
+            cols += [k for k in cell if k not in cols]
+    names = {"acc_r": "Acc_r (%)", "acc_f": "Acc_f (%)", "zrf": "ZRF", "mia": "MIA eff. (up)",
+             "probe": "probe on c (down)", "relearn_retain": "Acc_f after retain-only FT (down)"}
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        return f"{v['mean']:.3f}" + (f" ± {v['std']:.3f}" if v["std"] is not None else "") + \
+            (f" (n={v['n']})" if v["n"] != len(seeds) else "")
+
+    md = [f"# Mean ± std over seeds {list(seeds)}: {dataset}, {profile} profile", "",
+          "Acc_r / Acc_f in %, means over each model's classes (Table 1); ZRF in [0, 1]; audit metrics in [0, 1], "
+          "means over the audited classes. Sample standard deviation (ddof 1) over the seeds; (n=k) where a value "
+          "exists for k seeds only.", ""]
+    for model, rows in table.items():
+        md += [f"## {model}" + (f" (audited classes {audit_classes[model]})" if model in audit_classes else ""), "",
+               "| model | " + " | ".join(names.get(c, c.replace("relearn_", "Acc_f after ") + " (down)")
+                                       for c in cols) + " |", "|---|" + "---|" * len(cols)]
+        for name, cell in rows.items():
+            md.append(f"| {name} | " + " | ".join(fmt(cell.get(c)) for c in cols) + " |")
+        md.append("")
+    md += [f"Per seed: `seed_<s>/combined.md` and `seed_<s>/<backbone>/eval/` (Table 1, audit.md). Settings of the "
+           f"`{profile}` profile (every stage's seed set to s):", "", "```json",
+           json.dumps({m: PROFILES[profile][m] for m in models}, indent=1), "```"]
+    text = "\n".join(md) + "\n"
+    payload = {"dataset": dataset, "profile": profile, "seeds": list(seeds), "audit_classes": audit_classes,
+               "table": table, "settings": {m: PROFILES[profile][m] for m in models}}
+    files.write_json(out / "seeds.json", files.json_safe(payload))
+    files.write_text(out / "seeds.md", text)
+    return {**payload, "markdown": text}
 
 
 def _row_values(row: dict | None) -> dict:
@@ -292,10 +426,11 @@ def _fmt(v, pct: bool = False) -> str:
     return f"{100 * v:.1f}" if pct else f"{v:.2f}"
 
 
-def made_otherwise(out, model: str, profile: str) -> list[str]:
+def made_otherwise(out, model: str, profile: str, seed: int | None = None) -> list[str]:
     """What in ``OUT/<model>`` (and its paper-recipe sibling) was made with other settings than the profile's now
-    (training, untraining, baselines): ``name: old -> new`` per difference; empty when the folder matches."""
-    p = PROFILES[profile][model]
+    (training, untraining, baselines; with ``seed``: the profile's under that seed, :func:`seeded`):
+    ``name: old -> new`` per difference; empty when the folder matches."""
+    p = seeded(PROFILES[profile][model], seed)
     run_dir = Path(out) / model
     if not (run_dir / "original.safetensors").exists():
         return []
@@ -318,11 +453,13 @@ def made_otherwise(out, model: str, profile: str) -> list[str]:
     return found
 
 
-def combined_tables(out, dataset: str, models, profile: str, timing: dict | None = None) -> dict:
+def combined_tables(out, dataset: str, models, profile: str, timing: dict | None = None,
+                    seed: int | None = None) -> dict:
     """The combined Table 1 / Table 2 (ours beside the paper's) and the figure, from each backbone's ``eval/``.
-    A backbone whose folder was made with other settings than the profile's is named at the top of the report."""
+    A backbone whose folder was made with other settings than the profile's (under ``seed``) is named at the top of
+    the report."""
     out = Path(out)
-    stale = {m: d for m in models if (d := made_otherwise(out, m, profile))}
+    stale = {m: d for m in models if (d := made_otherwise(out, m, profile, seed))}
     t1_rows, t2_rows = [], []
     for model in models:
         for folder, recipe in ((out / model, "tuned"), (out / f"{model}-paper-recipe", "paper")):
