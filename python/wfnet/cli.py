@@ -35,7 +35,7 @@ examples:
   wfnet demo                                   the whole job on the embedded digits, a few CPU minutes
   wfnet train --model resnet18 --dataset mnist --data-root DATA --out runs/mnist_r18
   wfnet untrain runs/mnist_r18                 one round for all classes (--recipe paper, --lr ...)
-  wfnet baselines runs/mnist_r18 --methods retrain,random-labels,negative-gradients
+  wfnet baselines runs/mnist_r18 --methods retrain,random-labels,negative-gradients,ssd
   wfnet evaluate runs/mnist_r18                Table 1 (Acc_r, Acc_f, ZRF, RT) and Table 2 (insertion, deletion)
   wfnet explain runs/mnist_r18                 filter maps, gate heatmaps, insertion/deletion curves
 
@@ -498,8 +498,8 @@ COMMANDS = {
     "train": Command("train the original classifier into a new run folder", configure_train, run_train),
     "untrain": Command("train the gates of a run's model to forget every class, in one round", configure_untrain,
                        run_untrain),
-    "baselines": Command("the per-class baselines: retrain, random labels, negative gradients", configure_baselines,
-                         run_baselines),
+    "baselines": Command("the per-class baselines: retrain, random labels, negative gradients, SSD",
+                         configure_baselines, run_baselines),
     "evaluate": Command("Table 1 (Acc_r, Acc_f, ZRF, RT) and Table 2 (insertion, deletion)", configure_evaluate,
                         run_evaluate),
     "explain": Command("filter maps, gate heatmaps and insertion/deletion curves (PNG + report.md)",
