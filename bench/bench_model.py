@@ -366,6 +366,149 @@ def stamp(device: str, rss: PeakRSS) -> dict:
                      "once per forward); WF step: rows from wfnet.untrain.expand_batch (CPU)")}
 
 
+# ----------------------------------------------------------------------------------------------- the fold table
+FOLD_MODELS = ("resnet18", "vgg16_bn", "mobilenet_v3_large")
+
+
+def fold_table(name: str, args, device: str, reps: int, compiled: bool) -> dict:
+    """Issue 24's rows for one model, every case INTERLEAVED in one process (round robin, one call of each case per
+    round, ``reps`` rounds after one warm-up round), so that the load of a shared machine hits all of them alike:
+    plain eager forward, the plain model with every BatchNorm folded into its conv
+    (``torch.fx.experimental.optimization.fuse``: the honest limit), WF forward with the fold (AFTER) and without it
+    (``wrap(fold=False)``: the path before issue 24, BEFORE), the plain fine-tuning step, the WF untraining step with
+    and without the fold; with ``compiled`` also the compiled (inductor) forwards of plain / WF fold / WF no fold.
+    Ratios: of the medians, and the median of the per-round ratios (robust to load drifting between rounds);
+    noise: (max - min) / median per case."""
+    import wfnet
+    from torch.fx.experimental.optimization import fuse
+
+    n = args.batch
+    gen = torch.Generator().manual_seed(0)
+    x2 = torch.randn(2 * n, 3, args.image_size, args.image_size, generator=gen)
+    rows = label_expanded_rows(2 * n, NUM_CLASSES, gen)
+    xb = torch.randn(n, 3, args.image_size, args.image_size, generator=gen)
+    yb = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    original = build(name, args.image_size).to(device).eval()
+    with torch.no_grad():  # trained-like BatchNorm statistics, so no case is helped by identity affines
+        for m in original.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.2, 0.2, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+    for p in original.parameters():
+        p.requires_grad_(False)
+    fused = fuse(copy.deepcopy(original))
+    wf = wfnet.wrap(copy.deepcopy(original), NUM_CLASSES).to(device).eval()
+    wf_off = wfnet.wrap(copy.deepcopy(original), NUM_CLASSES, fold=False).to(device).eval()
+    trainable = copy.deepcopy(original).train()
+    for p in trainable.parameters():
+        p.requires_grad_(True)
+    cases = {
+        "plain forward": plain_forward_fn(original, x2, device, None),
+        "plain+BN-folded forward": plain_forward_fn(fused, x2, device, None),
+        "WF forward (fold)": wf_forward_fn(wf, x2, rows, device, None),
+        "WF forward (no fold)": wf_forward_fn(wf_off, x2, rows, device, None),
+        "plain fine-tuning step": plain_step_fn(trainable, xb, yb, device, None),
+        "WF untraining step (fold)": wf_step_fn(wf, xb, yb, device, None),
+        "WF untraining step (no fold)": wf_step_fn(wf_off, xb, yb, device, None),
+    }
+    if compiled:
+        cases["compiled plain forward"] = plain_forward_fn(torch.compile(original), x2, device, None)
+        cases["compiled WF forward (fold)"] = wf_forward_fn(torch.compile(wf), x2, rows, device, None)
+        cases["compiled WF forward (no fold)"] = wf_forward_fn(torch.compile(wf_off), x2, rows, device, None)
+    times = {k: [] for k in cases}
+    with wfnet.use_backend("torch"):
+        for k, fn in cases.items():  # warm-up (and compiles)
+            t0 = time.perf_counter()
+            fn()
+            print(f"{name} warm-up {k}: {time.perf_counter() - t0:.1f} s", flush=True)
+        for r in range(reps):
+            for k, fn in cases.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+            print(f"{name} round {r + 1}/{reps}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in times.items()),
+                  flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    def ratio(a, b):
+        if a not in times or b not in times:
+            return None
+        return {"of_medians": round(med[a] / med[b], 4),
+                "median_per_round": round(statistics.median(x / y for x, y in zip(times[a], times[b])), 4)}
+
+    pairs = {"WF fwd / plain fwd": ("WF forward (fold)", "WF forward (no fold)", "plain forward"),
+             "WF fwd / plain+BN-folded fwd": ("WF forward (fold)", "WF forward (no fold)",
+                                              "plain+BN-folded forward"),
+             "WF step / plain step": ("WF untraining step (fold)", "WF untraining step (no fold)",
+                                      "plain fine-tuning step"),
+             "compiled WF fwd / compiled plain fwd": ("compiled WF forward (fold)", "compiled WF forward (no fold)",
+                                                      "compiled plain forward")}
+    ratios = {k: {"after": ratio(a, c), "before": ratio(b, c)} for k, (a, b, c) in pairs.items() if c in times}
+    return {"model": name, "batch": n, "expanded_batch": 2 * n, "image_size": args.image_size, "reps": reps,
+            "filtered_layers": len(wf.layer_names), "folded": wf.fold_plan.chains,
+            "unfolded": wf.fold_plan.unfolded, "fold_error": wf.fold_plan.error,
+            "times_ms": times, "median_ms": med,
+            "noise": {k: round((max(v) - min(v)) / med[k], 3) for k, v in times.items()}, "ratios": ratios}
+
+
+def write_fold_table(meta: dict, blocks: list, base: Path) -> None:
+    base.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": blocks}, indent=1) + "\n")
+    lines = [f"# The fold (issue 24): measured on this CPU, {meta['date']}", "",
+             f"**CPU run**, machine: {meta['machine']}; {meta['torch_threads']} torch thread(s); load average "
+             f"{meta.get('load_average_at_start')} at start, {meta.get('load_average_now')} at the last write (the "
+             f"cores are shared with other jobs: every case is interleaved in one process, round robin). torch "
+             f"{meta['torch']}, backend torch (the CPU default). CPU numbers say nothing about GPU speed.", "",
+             f"Batch {meta['batch']} samples (label-expanded to {2 * meta['batch']} rows for the forwards and the WF "
+             f"step, the plain fine-tuning step runs {meta['batch']}), image {meta['image_size']} px (CIFAR stems for "
+             f"resnet18 / vgg16_bn; 224 px is too slow on 2 shared cores), N_c = {NUM_CLASSES}. BEFORE = the same "
+             f"wrapped model with wrap(fold=False) (the path before issue 24), AFTER = with the fold; both measured "
+             f"in the same rounds. Ratio cells: ratio of medians (median of the per-round ratios).", ""]
+    lines += ["| model | ratio | before | after | goal |", "|---|---|---|---|---|"]
+    goals = {"WF fwd / plain fwd": "<= 0.90 (ResNet-18)", "WF fwd / plain+BN-folded fwd": "<= 1.05",
+             "WF step / plain step": "<= 0.70", "compiled WF fwd / compiled plain fwd": "<= 1.02"}
+    for b in blocks:
+        for k, r in b["ratios"].items():
+            cell = {w: (f"{r[w]['of_medians']:.3f} ({r[w]['median_per_round']:.3f})" if r[w] else "")
+                    for w in ("before", "after")}
+            lines.append(f"| {b['model']} | {k} | {cell['before']} | {cell['after']} | {goals[k]} |")
+    for b in blocks:
+        lines += ["", f"## {b['model']}: {len(b['folded'])} of {b['filtered_layers']} filtered layers folded "
+                      f"({sum(1 for c in b['folded'] if c[2])} with their activation)", "",
+                  "| case | median ms | min | max | noise (max-min)/median |", "|---|---|---|---|---|"]
+        for k, v in b["times_ms"].items():
+            lines.append(f"| {k} | {b['median_ms'][k]:.1f} | {min(v):.1f} | {max(v):.1f} | {b['noise'][k]:.2f} |")
+        unf = sorted(set(b["unfolded"].values()))
+        lines += ["", "Folded chains: " + ", ".join(f"{c[0]} -> {c[1]}" + (f" -> {c[2]}" if c[2] else "")
+                                                   for c in b["folded"])]
+        if unf:
+            lines += ["", "Not folded: " + "; ".join(f"{why} ({sum(1 for w in b['unfolded'].values() if w == why)})"
+                                                    for why in unf)]
+    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def fold_main(args, device: str) -> int:
+    models = [m for m in args.models.split(",") if m] if args.models != ",".join(MODELS) else list(FOLD_MODELS)
+    bad = [m for m in models if m not in FOLD_MODELS]
+    if bad:
+        raise SystemExit(f"--fold-table models: {', '.join(FOLD_MODELS)}; got {bad}")
+    meta = {"date": args.date or datetime.date.today().isoformat(), "machine": args.machine or platform.processor(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "batch": args.batch,
+            "image_size": args.image_size, "argv": sys.argv[1:],
+            "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"fold_cpu_{meta['date']}{args.tag}"
+    blocks = []
+    compiled = {m for m in (args.fold_compiled or "").split(",") if m}
+    for name in models:
+        blocks.append(fold_table(name, args, device, args.reps, name in compiled))
+        meta["load_average_now"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        write_fold_table(meta, blocks, base)
+        print(json.dumps(blocks[-1]["ratios"]), flush=True)
+    print(f"results: {base}.json / .md")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- main
 def run_model(name, dname, args, device, rss, variants, excluded) -> dict:
     import wfnet
@@ -480,6 +623,12 @@ def main(argv=None) -> int:
                                                            "torch's default on GPU runs)")
     ap.add_argument("--out", default=str(RESULTS), help="output folder (default bench/results)")
     ap.add_argument("--tag", default="", help="suffix for the result file names")
+    ap.add_argument("--fold-table", action="store_true",
+                    help=f"issue 24's interleaved table instead (models {', '.join(FOLD_MODELS)}; see fold_table)")
+    ap.add_argument("--reps", type=int, default=5, help="--fold-table: timed rounds (median of at least 5)")
+    ap.add_argument("--fold-compiled", default="", help="--fold-table: models that also get the compiled forwards")
+    ap.add_argument("--date", default="", help="--fold-table: the date recorded (default today)")
+    ap.add_argument("--machine", default="", help="--fold-table: the machine recorded (default platform.processor)")
     args = ap.parse_args(argv)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -487,6 +636,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads or 1)
     if not args.batch:
         args.batch = 16 if (args.quick and device == "cpu") else 128
+    if args.fold_table:
+        if args.reps < 5:
+            ap.error("--reps: the fold table takes the median of at least 5 rounds")
+        return fold_main(args, device)
     models = [m for m in args.models.split(",") if m]
     dtypes = [d for d in (args.dtypes or ("fp32,bf16" if device == "cuda" else "fp32")).split(",") if d]
     bad = [m for m in models if m not in MODELS] + [d for d in dtypes if d not in DTYPES]

@@ -3,9 +3,12 @@
 // Design: the GEMM / convolution itself stays in cuBLAS / cuDNN (called through ATen by the Python backend); these
 // kernels are the memory-bound pass that follows it. Per element (n, c, s) of the bias-free output z:
 //
-//   forward   out = sigmoid(A_w[r_n, c]) * z + sigmoid(A_b[r_n, c]) * b[c]
-//   backward  grad_z = grad_out * sigmoid(A_w[r_n, c])
-//             gz[n, c] = sum_s grad_out * z,  g[n, c] = sum_s grad_out          (fp32 accumulators)
+//   forward   y = sigmoid(A_w[r_n, c]) * z + sigmoid(A_b[r_n, c]) * b[c]
+//             out = act(scale[c] * y + shift[c])      the fold (wfnet.fold): an eval-mode BatchNorm's affine and an
+//                                                     elementwise activation; without it out = y
+//   backward  go = grad_out * act'(scale[c] * y + shift[c]) * scale[c]   (y recomputed from z; go = grad_out unfolded)
+//             grad_z = go * sigmoid(A_w[r_n, c])
+//             gz[n, c] = sum_s go * z,  g[n, c] = sum_s go          (fp32 accumulators)
 //             grad_A_w[r, c] += sigmoid'(A_w[r, c]) * gz[n, c]         for every n with r_n = r
 //             grad_A_b[r, c] += sigmoid'(A_b[r, c]) * b[c] * g[n, c]
 //
@@ -44,6 +47,45 @@ constexpr int kTileC = 32;  // channels per block in the channels-inner reductio
 constexpr int kTileS = 8;   // positions per block step in the channels-inner reduction
 
 __device__ __forceinline__ float sigmoid_f(float a) { return 1.f / (1.f + __expf(-a)); }
+
+// ------------------------------------------------------------------------------------------------------------------
+// The folded BatchNorm affine and activation (codes: wf_ops.h, FoldArgs). Full-precision expf / erff: these match
+// torch's activations, where the gate's fast __expf only feeds a value in (0, 1).
+__device__ __forceinline__ float act_forward(float x, int act) {
+  switch (act) {
+    case kActRelu: return fmaxf(x, 0.f);
+    case kActRelu6: return fminf(fmaxf(x, 0.f), 6.f);
+    case kActSilu: return x / (1.f + expf(-x));
+    case kActGelu: return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+    case kActHardswish: return x * fminf(fmaxf(x + 3.f, 0.f), 6.f) / 6.f;
+    case kActHardsigmoid: return fminf(fmaxf(x + 3.f, 0.f), 6.f) / 6.f;
+    default: return x;
+  }
+}
+
+// d act / d x at the pre-activation x, with torch's conventions at the kinks (threshold_backward, hardtanh_backward,
+// hardswish_backward, hardsigmoid_backward).
+__device__ __forceinline__ float act_grad(float x, int act) {
+  switch (act) {
+    case kActRelu: return x > 0.f ? 1.f : 0.f;
+    case kActRelu6: return (x > 0.f && x < 6.f) ? 1.f : 0.f;
+    case kActSilu: {
+      const float s = 1.f / (1.f + expf(-x));
+      return s * (1.f + x * (1.f - s));
+    }
+    case kActGelu:
+      return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.3989422804014327f * expf(-0.5f * x * x);
+    case kActHardswish: return x < -3.f ? 0.f : (x <= 3.f ? x / 3.f + 0.5f : 1.f);
+    case kActHardsigmoid: return (x > -3.f && x < 3.f) ? 1.f / 6.f : 0.f;
+    default: return 1.f;
+  }
+}
+
+// act(scale[c] * v + shift[c]); scale / shift are null without a folded BatchNorm.
+__device__ __forceinline__ float fold_forward(float v, int64_t c, const FoldArgs& f) {
+  if (f.scale != nullptr) v = v * f.scale[c] + f.shift[c];
+  return act_forward(v, f.act);
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -92,8 +134,8 @@ __device__ __forceinline__ void locate(index_t i, index_t channels, index_t spat
 template <typename scalar_t, typename index_t, bool kChannelsInner>
 __global__ void gate_epilogue_kernel(const scalar_t* z, scalar_t* out, const int64_t* __restrict__ rows,
                                      const float* __restrict__ alpha_w, const float* __restrict__ alpha_b,
-                                     const scalar_t* __restrict__ bias, index_t numel, index_t channels,
-                                     index_t spatial, int64_t num_classes) {
+                                     const scalar_t* __restrict__ bias, FoldArgs fold, index_t numel,
+                                     index_t channels, index_t spatial, int64_t num_classes) {
   const index_t step = static_cast<index_t>(blockDim.x) * gridDim.x;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += step) {
     index_t n, c;
@@ -106,7 +148,7 @@ __global__ void gate_epilogue_kernel(const scalar_t* z, scalar_t* out, const int
       const float gate_b = alpha_b != nullptr ? sigmoid_f(alpha_b[k]) : 1.f;
       v += gate_b * static_cast<float>(bias[c]);
     }
-    out[i] = static_cast<scalar_t>(v);
+    out[i] = static_cast<scalar_t>(fold_forward(v, c, fold));
   }
 }
 
@@ -122,8 +164,8 @@ struct alignas(sizeof(scalar_t) * kVec) Packed {
 template <typename scalar_t, typename index_t, bool kChannelsInner, int kVec>
 __global__ void gate_epilogue_vec_kernel(const scalar_t* z, scalar_t* out, const int64_t* __restrict__ rows,
                                          const float* __restrict__ alpha_w, const float* __restrict__ alpha_b,
-                                         const scalar_t* __restrict__ bias, index_t num_vecs, index_t channels,
-                                         index_t spatial, int64_t num_classes) {
+                                         const scalar_t* __restrict__ bias, FoldArgs fold, index_t num_vecs,
+                                         index_t channels, index_t spatial, int64_t num_classes) {
   using P = Packed<scalar_t, kVec>;
   const index_t step = static_cast<index_t>(blockDim.x) * gridDim.x;
   for (index_t vi = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; vi < num_vecs; vi += step) {
@@ -143,14 +185,20 @@ __global__ void gate_epilogue_vec_kernel(const scalar_t* z, scalar_t* out, const
           const float gate_b = alpha_b != nullptr ? sigmoid_f(alpha_b[k0 + j]) : 1.f;
           v += gate_b * static_cast<float>(bias[c0 + j]);
         }
-        res.v[j] = static_cast<scalar_t>(v);
+        res.v[j] = static_cast<scalar_t>(fold_forward(v, c0 + j, fold));
       }
-    } else {  // one plane: a single gate and gated bias for the whole vector
-      const float gate = sigmoid_f(alpha_w[k0]);
+    } else {  // one plane: a single gate and gated bias (and folded affine) for the whole vector
+      float gate = sigmoid_f(alpha_w[k0]);
       float shift = 0.f;
       if (bias != nullptr) shift = (alpha_b != nullptr ? sigmoid_f(alpha_b[k0]) : 1.f) * static_cast<float>(bias[c0]);
+      if (fold.scale != nullptr) {  // scale * (gate * z + shift) + t = (scale * gate) * z + (scale * shift + t)
+        const float s = fold.scale[c0];
+        gate *= s;
+        shift = shift * s + fold.shift[c0];
+      }
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) res.v[j] = static_cast<scalar_t>(gate * static_cast<float>(in.v[j]) + shift);
+      for (int j = 0; j < kVec; ++j)
+        res.v[j] = static_cast<scalar_t>(act_forward(gate * static_cast<float>(in.v[j]) + shift, fold.act));
     }
     reinterpret_cast<P*>(out)[vi] = res;
   }
@@ -168,7 +216,26 @@ struct ReduceOut {
   bool use_buffer;
   bool need_gz;  // sum of grad_out * z wanted (grad of alpha_weight)
   bool need_g;   // sum of grad_out wanted (grad of alpha_bias / bias)
+  FoldArgs fold;  // the folded affine / activation (scale null and act kActNone when unfolded)
 };
+
+// grad_out -> go (see the header comment): the folded activation's derivative at the recomputed pre-activation, then
+// the folded scale. `zv` is read only with an activation; `gate` / `bias_term` are this (n, c)'s gate and gated bias.
+__device__ __forceinline__ float fold_grad(float go, float zv, float gate, float bias_term, int64_t c,
+                                           const FoldArgs& f) {
+  const float s = f.scale != nullptr ? f.scale[c] : 1.f;
+  if (f.act != kActNone) {
+    const float t = f.scale != nullptr ? f.shift[c] : 0.f;
+    go *= act_grad((gate * zv + bias_term) * s + t, f.act);
+  }
+  return go * s;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ float gated_bias_term(const ReduceOut& o, const scalar_t* bias, int64_t k, int64_t c) {
+  if (bias == nullptr) return 0.f;
+  return (o.alpha_b != nullptr ? sigmoid_f(o.alpha_b[k]) : 1.f) * static_cast<float>(bias[c]);
+}
 
 template <typename scalar_t>
 __device__ __forceinline__ void finalize(const ReduceOut& o, const scalar_t* bias, int64_t n, int64_t c, int64_t r,
@@ -206,11 +273,16 @@ __global__ void gate_backward_outer_kernel(const scalar_t* __restrict__ grad_out
     const int64_t r = rows[n];
     CUDA_KERNEL_ASSERT(r >= 0 && r < num_classes);
     const float gate = sigmoid_f(o.alpha_w[r * channels + c]);
+    const bool folded = o.fold.scale != nullptr || o.fold.act != kActNone;
+    const float bias_term = folded ? gated_bias_term(o, bias, r * channels + c, c) : 0.f;
+    const bool read_z = o.need_gz || o.fold.act != kActNone;
     const int64_t base = plane * spatial;
     float acc_gz = 0.f, acc_g = 0.f;
     for (int64_t s = threadIdx.x; s < spatial; s += blockDim.x) {
-      const float go = static_cast<float>(grad_out[base + s]);
-      if (o.need_gz) acc_gz += go * static_cast<float>(z[base + s]);
+      const float zv = read_z ? static_cast<float>(z[base + s]) : 0.f;
+      float go = static_cast<float>(grad_out[base + s]);
+      if (folded) go = fold_grad(go, zv, gate, bias_term, c, o.fold);
+      if (o.need_gz) acc_gz += go * zv;
       acc_g += go;
       if (grad_z != nullptr) grad_z[base + s] = static_cast<scalar_t>(go * gate);
     }
@@ -249,10 +321,15 @@ __global__ void gate_backward_inner_kernel(const scalar_t* __restrict__ grad_out
     float acc_gz = 0.f, acc_g = 0.f;
     if (c < channels) {
       const float gate = sigmoid_f(o.alpha_w[r * channels + c]);
+      const bool folded = o.fold.scale != nullptr || o.fold.act != kActNone;
+      const float bias_term = folded ? gated_bias_term(o, bias, r * channels + c, c) : 0.f;
+      const bool read_z = o.need_gz || o.fold.act != kActNone;
       for (int64_t s = ty; s < spatial; s += kTileS) {
         const int64_t idx = (n * spatial + s) * channels + c;
-        const float go = static_cast<float>(grad_out[idx]);
-        if (o.need_gz) acc_gz += go * static_cast<float>(z[idx]);
+        const float zv = read_z ? static_cast<float>(z[idx]) : 0.f;
+        float go = static_cast<float>(grad_out[idx]);
+        if (folded) go = fold_grad(go, zv, gate, bias_term, c, o.fold);
+        if (o.need_gz) acc_gz += go * zv;
         acc_g += go;
         if (grad_z != nullptr) grad_z[idx] = static_cast<scalar_t>(go * gate);
       }
@@ -306,7 +383,7 @@ __global__ void segment_reduce_kernel(const float* __restrict__ buf, const int64
 template <typename scalar_t, typename index_t>
 void launch_epilogue_typed(const at::Tensor& z, const at::Tensor& out, const at::Tensor& rows,
                            const at::Tensor& alpha_weight, const at::Tensor& alpha_bias, const at::Tensor& bias,
-                           const GateGeometry& geo, int64_t numel, int64_t grid) {
+                           const FoldArgs& fold, const GateGeometry& geo, int64_t numel, int64_t grid) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* zp = z.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
@@ -321,20 +398,20 @@ void launch_epilogue_typed(const at::Tensor& z, const at::Tensor& out, const at:
     const int64_t vgrid = grid_for((num_vecs + kThreads - 1) / kThreads, 16);
     if (geo.channels_inner) {
       gate_epilogue_vec_kernel<scalar_t, index_t, true, kVec><<<vgrid, kThreads, 0, stream>>>(
-          zp, op, rp, awp, abp, bp, static_cast<index_t>(num_vecs), static_cast<index_t>(geo.channels),
+          zp, op, rp, awp, abp, bp, fold, static_cast<index_t>(num_vecs), static_cast<index_t>(geo.channels),
           static_cast<index_t>(geo.spatial), geo.num_classes);
     } else {
       gate_epilogue_vec_kernel<scalar_t, index_t, false, kVec><<<vgrid, kThreads, 0, stream>>>(
-          zp, op, rp, awp, abp, bp, static_cast<index_t>(num_vecs), static_cast<index_t>(geo.channels),
+          zp, op, rp, awp, abp, bp, fold, static_cast<index_t>(num_vecs), static_cast<index_t>(geo.channels),
           static_cast<index_t>(geo.spatial), geo.num_classes);
     }
   } else if (geo.channels_inner) {
     gate_epilogue_kernel<scalar_t, index_t, true><<<grid, kThreads, 0, stream>>>(
-        zp, op, rp, awp, abp, bp, static_cast<index_t>(numel), static_cast<index_t>(geo.channels),
+        zp, op, rp, awp, abp, bp, fold, static_cast<index_t>(numel), static_cast<index_t>(geo.channels),
         static_cast<index_t>(geo.spatial), geo.num_classes);
   } else {
     gate_epilogue_kernel<scalar_t, index_t, false><<<grid, kThreads, 0, stream>>>(
-        zp, op, rp, awp, abp, bp, static_cast<index_t>(numel), static_cast<index_t>(geo.channels),
+        zp, op, rp, awp, abp, bp, fold, static_cast<index_t>(numel), static_cast<index_t>(geo.channels),
         static_cast<index_t>(geo.spatial), geo.num_classes);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -344,7 +421,7 @@ void launch_epilogue_typed(const at::Tensor& z, const at::Tensor& out, const at:
 
 void launch_gate_epilogue(const at::Tensor& z, const at::Tensor& out, const at::Tensor& rows,
                           const at::Tensor& alpha_weight, const at::Tensor& alpha_bias, const at::Tensor& bias,
-                          const GateGeometry& geo) {
+                          const FoldArgs& fold, const GateGeometry& geo) {
   const int64_t numel = z.numel();
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(z.device());
@@ -353,9 +430,9 @@ void launch_gate_epilogue(const at::Tensor& z, const at::Tensor& out, const at::
   const bool small = numel + grid * kThreads <= std::numeric_limits<int32_t>::max();
   WF_DISPATCH_FLOATING(z.scalar_type(), "wfnet_gate_epilogue", [&] {
     if (small) {
-      launch_epilogue_typed<scalar_t, int32_t>(z, out, rows, alpha_weight, alpha_bias, bias, geo, numel, grid);
+      launch_epilogue_typed<scalar_t, int32_t>(z, out, rows, alpha_weight, alpha_bias, bias, fold, geo, numel, grid);
     } else {
-      launch_epilogue_typed<scalar_t, int64_t>(z, out, rows, alpha_weight, alpha_bias, bias, geo, numel, grid);
+      launch_epilogue_typed<scalar_t, int64_t>(z, out, rows, alpha_weight, alpha_bias, bias, fold, geo, numel, grid);
     }
   });
 }
@@ -364,7 +441,7 @@ void launch_gate_backward_reduce(const at::Tensor& grad_out, const at::Tensor& z
                                  const at::Tensor& rows, const at::Tensor& alpha_weight, const at::Tensor& alpha_bias,
                                  const at::Tensor& bias, const at::Tensor& grad_alpha_weight,
                                  const at::Tensor& grad_alpha_bias, const at::Tensor& buf_gz, const at::Tensor& buf_g,
-                                 bool use_buffer, const GateGeometry& geo) {
+                                 bool use_buffer, const FoldArgs& fold, const GateGeometry& geo) {
   if (geo.batch == 0 || geo.channels == 0) return;
   const c10::cuda::CUDAGuard guard(grad_out.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -378,6 +455,7 @@ void launch_gate_backward_reduce(const at::Tensor& grad_out, const at::Tensor& z
   o.use_buffer = use_buffer;
   o.need_gz = use_buffer ? buf_gz.defined() : grad_alpha_weight.defined();
   o.need_g = use_buffer ? buf_g.defined() : grad_alpha_bias.defined();
+  o.fold = fold;
   WF_DISPATCH_FLOATING(grad_out.scalar_type(), "wfnet_gate_backward", [&] {
     const scalar_t* gop = grad_out.data_ptr<scalar_t>();
     const scalar_t* zp = ptr_or_null<scalar_t>(z);

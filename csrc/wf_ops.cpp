@@ -2,11 +2,15 @@
 //
 // Three ops, all in the `wfnet` namespace and prefixed `cuda_` so they never collide with ops other backends define
 // from Python:
-//   cuda_gate_epilogue(z, rows, alpha_weight, alpha_bias?, bias?, channel_dim) -> out
+//   cuda_gate_epilogue(z, rows, alpha_weight, alpha_bias?, bias?, channel_dim, scale?, shift?, act) -> out
 //   cuda_gate_epilogue_(z!, ...) -> ()          the same, in place on z (used when no gradient is needed)
 //   cuda_gate_backward(grad_out, z?, rows, alpha_weight, alpha_bias?, bias?, channel_dim, need_grad_z,
-//                      need_grad_alpha_weight, need_grad_alpha_bias, need_grad_bias, deterministic)
+//                      need_grad_alpha_weight, need_grad_alpha_bias, need_grad_bias, deterministic, scale?, shift?,
+//                      act)
 //       -> (grad_z, grad_alpha_weight, grad_alpha_bias, grad_bias)  (an output not asked for is an empty tensor)
+// scale / shift (fp32 [C], both or neither; default none) and act (an activation code of wf_ops.h, default 0 = none)
+// are the fold (wfnet.fold): out = act(scale * gated + shift). Their own gradients are not computed (the Python
+// backend refuses a fold whose BatchNorm parameters need one).
 // `channel_dim` is 1 for convolutions (z is [B, C, H, W], NCHW- or channels_last-contiguous) and -1 for linear
 // layers (z is [B, ..., C], contiguous). The autograd formula and the fake (meta) kernels are registered from
 // Python (wfnet/backends/cuda.py); the checks here turn misuse into errors a user can act on. Class-row ranges are
@@ -115,33 +119,66 @@ GateGeometry checked_geometry(const char* op, const at::Tensor& z, const at::Ten
 
 at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
+// Checks the fold arguments and returns them as the kernels take them.
+FoldArgs checked_fold(const char* op, const at::Tensor& z, const GateGeometry& geo,
+                      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t act) {
+  TORCH_CHECK(act >= 0 && act < kActCount, op, ": act must be an activation code 0..", kActCount - 1, ", got ", act);
+  TORCH_CHECK(scale.has_value() == shift.has_value(), op, ": scale and shift (a folded BatchNorm) come together");
+  FoldArgs fold;
+  fold.act = static_cast<int>(act);
+  if (scale.has_value()) {
+    for (const at::Tensor* t : {&*scale, &*shift}) {
+      const char* name = t == &*scale ? "scale" : "shift";
+      check_same_device(op, z, *t, name);
+      TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == geo.channels, op, ": ", name, " must have shape [", geo.channels,
+                  "], got ", t->sizes());
+      TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+    }
+    fold.scale = scale->data_ptr<float>();
+    fold.shift = shift->data_ptr<float>();
+  }
+  return fold;
+}
+
 at::Tensor gate_epilogue(const at::Tensor& z, const at::Tensor& rows, const at::Tensor& alpha_weight,
                          const std::optional<at::Tensor>& alpha_bias, const std::optional<at::Tensor>& bias,
-                         int64_t channel_dim) {
-  const GateGeometry geo =
-      checked_geometry("wfnet::cuda_gate_epilogue", z, rows, alpha_weight, alpha_bias, bias, channel_dim);
+                         int64_t channel_dim, const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& shift, int64_t act) {
+  const char* op = "wfnet::cuda_gate_epilogue";
+  const GateGeometry geo = checked_geometry(op, z, rows, alpha_weight, alpha_bias, bias, channel_dim);
+  const FoldArgs fold = checked_fold(op, z, geo, scale, shift, act);
   at::Tensor out = at::empty_like(z);  // keeps z's memory format (NCHW / channels_last)
-  launch_gate_epilogue(z, out, rows, alpha_weight, value_or_undefined(alpha_bias), value_or_undefined(bias), geo);
+  launch_gate_epilogue(z, out, rows, alpha_weight, value_or_undefined(alpha_bias), value_or_undefined(bias), fold,
+                       geo);
   return out;
 }
 
 void gate_epilogue_(const at::Tensor& z, const at::Tensor& rows, const at::Tensor& alpha_weight,
                     const std::optional<at::Tensor>& alpha_bias, const std::optional<at::Tensor>& bias,
-                    int64_t channel_dim) {
-  const GateGeometry geo =
-      checked_geometry("wfnet::cuda_gate_epilogue_", z, rows, alpha_weight, alpha_bias, bias, channel_dim);
-  launch_gate_epilogue(z, z, rows, alpha_weight, value_or_undefined(alpha_bias), value_or_undefined(bias), geo);
+                    int64_t channel_dim, const std::optional<at::Tensor>& scale,
+                    const std::optional<at::Tensor>& shift, int64_t act) {
+  const char* op = "wfnet::cuda_gate_epilogue_";
+  const GateGeometry geo = checked_geometry(op, z, rows, alpha_weight, alpha_bias, bias, channel_dim);
+  const FoldArgs fold = checked_fold(op, z, geo, scale, shift, act);
+  launch_gate_epilogue(z, z, rows, alpha_weight, value_or_undefined(alpha_bias), value_or_undefined(bias), fold, geo);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& z, const at::Tensor& rows,
     const at::Tensor& alpha_weight, const std::optional<at::Tensor>& alpha_bias, const std::optional<at::Tensor>& bias,
     int64_t channel_dim, bool need_grad_z, bool need_grad_alpha_weight, bool need_grad_alpha_bias,
-    bool need_grad_bias, bool deterministic) {
+    bool need_grad_bias, bool deterministic, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, int64_t act) {
   const char* op = "wfnet::cuda_gate_backward";
   const GateGeometry geo = checked_geometry(op, grad_out, rows, alpha_weight, alpha_bias, bias, channel_dim);
+  const FoldArgs fold = checked_fold(op, grad_out, geo, scale, shift, act);
+  const bool folded = fold.scale != nullptr || fold.act != kActNone;
   TORCH_CHECK(!need_grad_alpha_weight || z.has_value(), op,
               ": the gradient of alpha_weight needs the saved bias-free output z");
+  TORCH_CHECK(fold.act == kActNone || z.has_value(), op,
+              ": the backward of a folded activation needs the saved bias-free output z (the pre-activation is "
+              "recomputed from it)");
   TORCH_CHECK(!need_grad_alpha_bias || (alpha_bias.has_value() && bias.has_value()), op,
               ": the gradient of alpha_bias needs alpha_bias and bias");
   TORCH_CHECK(!need_grad_bias || bias.has_value(), op, ": the gradient of bias needs bias");
@@ -159,13 +196,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
 
   at::Tensor grad_z = need_grad_z ? at::empty_like(grad_out) : empty(grad_out.options());
   const bool reduce = need_grad_alpha_weight || need_grad_alpha_bias || need_grad_bias;
-  if (!reduce) {
-    if (need_grad_z) launch_gate_epilogue(grad_out, grad_z, rows, alpha_weight, at::Tensor(), at::Tensor(), geo);
-    return {grad_z, empty(f32), empty(f32), empty(grad_out.options())};
-  }
-  const at::Tensor zt = need_grad_alpha_weight ? *z : at::Tensor();
+  const at::Tensor zt = (need_grad_alpha_weight || fold.act != kActNone) ? *z : at::Tensor();
   const at::Tensor ab = value_or_undefined(alpha_bias);
   const at::Tensor b = value_or_undefined(bias);
+  if (!reduce) {
+    if (need_grad_z && !folded) {
+      launch_gate_epilogue(grad_out, grad_z, rows, alpha_weight, at::Tensor(), at::Tensor(), FoldArgs(), geo);
+    } else if (need_grad_z) {  // folded: grad_z needs act' and the scale; the reduction kernels, with no sums kept
+      launch_gate_backward_reduce(grad_out, zt, grad_z, rows, alpha_weight, ab, b, at::Tensor(), at::Tensor(),
+                                  at::Tensor(), at::Tensor(), false, fold, geo);
+    }
+    return {grad_z, empty(f32), empty(f32), empty(grad_out.options())};
+  }
   const at::Tensor gz_out = need_grad_z ? grad_z : at::Tensor();
   // The bias gradient needs the per-sample sums, so it always takes the buffered path.
   const bool use_buffer = deterministic || need_grad_bias;
@@ -174,13 +216,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     grad_aw = need_grad_alpha_weight ? at::zeros_like(alpha_weight) : at::Tensor();
     grad_ab = need_grad_alpha_bias ? at::zeros_like(alpha_weight) : at::Tensor();
     launch_gate_backward_reduce(grad_out, zt, gz_out, rows, alpha_weight, ab, b, grad_aw, grad_ab, at::Tensor(),
-                                at::Tensor(), false, geo);
+                                at::Tensor(), false, fold, geo);
   } else {
     const at::Tensor buf_gz = need_grad_alpha_weight ? at::empty({geo.batch, geo.channels}, f32) : at::Tensor();
     const at::Tensor buf_g =
         (need_grad_alpha_bias || need_grad_bias) ? at::empty({geo.batch, geo.channels}, f32) : at::Tensor();
     launch_gate_backward_reduce(grad_out, zt, gz_out, rows, alpha_weight, ab, b, at::Tensor(), at::Tensor(), buf_gz,
-                                buf_g, true, geo);
+                                buf_g, true, fold, geo);
     if (need_grad_alpha_weight || need_grad_alpha_bias) {
       // A stable sort fixes the order in which each class row's samples are summed.
       const auto sorted = at::sort(rows, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -210,12 +252,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
 
 TORCH_LIBRARY(wfnet, m) {
   m.def("cuda_gate_epilogue(Tensor z, Tensor rows, Tensor alpha_weight, Tensor? alpha_bias, Tensor? bias, "
-        "int channel_dim) -> Tensor");
+        "int channel_dim, Tensor? scale=None, Tensor? shift=None, int act=0) -> Tensor");
   m.def("cuda_gate_epilogue_(Tensor(a!) z, Tensor rows, Tensor alpha_weight, Tensor? alpha_bias, Tensor? bias, "
-        "int channel_dim) -> ()");
+        "int channel_dim, Tensor? scale=None, Tensor? shift=None, int act=0) -> ()");
   m.def("cuda_gate_backward(Tensor grad_out, Tensor? z, Tensor rows, Tensor alpha_weight, Tensor? alpha_bias, "
         "Tensor? bias, int channel_dim, bool need_grad_z, bool need_grad_alpha_weight, bool need_grad_alpha_bias, "
-        "bool need_grad_bias, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool need_grad_bias, bool deterministic, Tensor? scale=None, Tensor? shift=None, int act=0) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(wfnet, CUDA, m) {

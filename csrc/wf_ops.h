@@ -20,14 +20,34 @@ struct GateGeometry {
   bool channels_inner;
 };
 
-// out = sigmoid(alpha_weight[rows[n], c]) * z + gate_b * bias[c], gate_b = sigmoid(alpha_bias[rows[n], c]) or 1 when
-// alpha_bias is undefined; no bias term when bias is undefined. `out` may be `z` itself (in place).
+// Activation codes of the fold (the `act` argument of the ops; wfnet/backends/cuda.py maps the names).
+constexpr int kActNone = 0;
+constexpr int kActRelu = 1;
+constexpr int kActRelu6 = 2;
+constexpr int kActSilu = 3;
+constexpr int kActGelu = 4;  // exact (erf) GELU
+constexpr int kActHardswish = 5;
+constexpr int kActHardsigmoid = 6;
+constexpr int kActCount = 7;
+
+// The fold (wfnet.fold): a following eval-mode BatchNorm's per-channel affine (scale, shift: fp32 [C], both null when
+// no BatchNorm is folded) and an elementwise activation, applied after the gate: out = act(scale * y + shift).
+struct FoldArgs {
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  int act = kActNone;
+};
+
+// y = sigmoid(alpha_weight[rows[n], c]) * z + gate_b * bias[c], gate_b = sigmoid(alpha_bias[rows[n], c]) or 1 when
+// alpha_bias is undefined; no bias term when bias is undefined; out = act(scale[c] * y + shift[c]) with the fold,
+// else y. `out` may be `z` itself (in place).
 void launch_gate_epilogue(const at::Tensor& z, const at::Tensor& out, const at::Tensor& rows,
                           const at::Tensor& alpha_weight, const at::Tensor& alpha_bias, const at::Tensor& bias,
-                          const GateGeometry& geo);
+                          const FoldArgs& fold, const GateGeometry& geo);
 
-// One pass over grad_out (and z): writes grad_z = grad_out * sigmoid(alpha_weight[r_n]) when grad_z is defined, and
-// reduces, per (sample n, channel c), sum_s grad_out * z (needs z) and sum_s grad_out.
+// One pass over grad_out (and z): with the fold, grad_out is first mapped to go = grad_out * act'(pre) * scale[c] (pre
+// recomputed from z, which an activation therefore needs); then grad_z = go * sigmoid(alpha_weight[r_n]) is written
+// when grad_z is defined, and, per (sample n, channel c), sum_s go * z (needs z) and sum_s go are reduced.
 //   use_buffer = false: the sums are scaled by sigmoid' (and bias) and atomically added into the class rows of
 //                       grad_alpha_weight / grad_alpha_bias (zero-initialised fp32 [N_c, C]).
 //   use_buffer = true:  the raw sums are written to buf_gz / buf_g (fp32 [B, C]) for a deterministic reduction.
@@ -35,7 +55,7 @@ void launch_gate_backward_reduce(const at::Tensor& grad_out, const at::Tensor& z
                                  const at::Tensor& rows, const at::Tensor& alpha_weight, const at::Tensor& alpha_bias,
                                  const at::Tensor& bias, const at::Tensor& grad_alpha_weight,
                                  const at::Tensor& grad_alpha_bias, const at::Tensor& buf_gz, const at::Tensor& buf_g,
-                                 bool use_buffer, const GateGeometry& geo);
+                                 bool use_buffer, const FoldArgs& fold, const GateGeometry& geo);
 
 // Deterministic per-class reduction: out[r, c] = sigmoid'(alpha[r, c]) * scale[c] * sum over samples n with
 // rows[n] = r (in sorted order) of buf[n, c]. `sorted_rows` / `perm` come from a stable sort of rows; scale (fp32

@@ -111,13 +111,11 @@ class Affine(NamedTuple):
     @staticmethod
     def of(norm: nn.Module, act: str = "none") -> "Affine":
         """The eval-mode affine of a BatchNorm module, fp32, differentiable in its weight / bias."""
-        var = norm.running_var.float()
-        s = torch.rsqrt(var + norm.eps)
+        s = torch.rsqrt(norm.running_var.float() + norm.eps)
         if norm.weight is not None:
             s = s * norm.weight.float()
-        t = -norm.running_mean.float() * s
-        if norm.bias is not None:
-            t = t + norm.bias.float()
+        mean = norm.running_mean.float()
+        t = -mean * s if norm.bias is None else torch.addcmul(norm.bias.float(), mean, s, value=-1)
         return Affine(s, t, act)
 
 
@@ -221,6 +219,9 @@ class FoldLink:
         return not _global_hooks()
 
     def affine(self) -> Affine:
+        """The BatchNorm's affine, recomputed per call (4 tiny ops on [C]): **decision**: no cache, since running
+        statistics can change without a version-counter bump (the CPU batch-norm kernel and ``.data`` writes update
+        them in place unseen), and a stale affine would be silently wrong."""
         return Affine.of(self.norm, self.act_name)
 
     def record(self, frame, out: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 
     z   = conv2d(x, W) / x @ W^T            (no bias; ATen picks cuDNN / cuBLAS)
     out = sigmoid(A_w[r_n]) * z + sigmoid(A_b[r_n]) * b      one fused pass (torch.ops.wfnet.cuda_gate_epilogue)
+    out = act(s * out + t)                                   with the fold (wfnet.fold), in the same pass
 
 Design:
 
@@ -47,19 +48,24 @@ _ops = torch.ops.wfnet
 # ---------------------------------------------------------------------------------------------------------------
 # Fake (meta) kernels: shapes, dtypes and memory formats of the outputs, for torch.compile and meta tensors.
 
+# the fold's activation codes (csrc/wf_ops.h kAct*)
+ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "hardswish": 5, "hardsigmoid": 6}
+
+
 @torch.library.register_fake("wfnet::cuda_gate_epilogue")
-def _epilogue_fake(z, rows, alpha_weight, alpha_bias, bias, channel_dim):
+def _epilogue_fake(z, rows, alpha_weight, alpha_bias, bias, channel_dim, scale=None, shift=None, act=0):
     return torch.empty_like(z)  # same memory format as z, like the CUDA kernel's at::empty_like
 
 
 @torch.library.register_fake("wfnet::cuda_gate_epilogue_")
-def _epilogue_inplace_fake(z, rows, alpha_weight, alpha_bias, bias, channel_dim):
+def _epilogue_inplace_fake(z, rows, alpha_weight, alpha_bias, bias, channel_dim, scale=None, shift=None, act=0):
     return None
 
 
 @torch.library.register_fake("wfnet::cuda_gate_backward")
 def _backward_fake(grad_out, z, rows, alpha_weight, alpha_bias, bias, channel_dim, need_grad_z,
-                   need_grad_alpha_weight, need_grad_alpha_bias, need_grad_bias, deterministic):
+                   need_grad_alpha_weight, need_grad_alpha_bias, need_grad_bias, deterministic, scale=None,
+                   shift=None, act=0):
     def empty(like):
         return like.new_empty((0,))
 
@@ -72,7 +78,9 @@ def _backward_fake(grad_out, z, rows, alpha_weight, alpha_bias, bias, channel_di
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Autograd for the functional epilogue op. Inputs: (z, rows, alpha_weight, alpha_bias, bias, channel_dim).
+# Autograd for the functional epilogue op. Inputs: (z, rows, alpha_weight, alpha_bias, bias, channel_dim, scale, shift,
+# act); scale / shift (a folded BatchNorm's affine) get no gradient: the backend refuses a fold whose BatchNorm
+# parameters need one (CudaBackend.unsupported).
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
@@ -81,27 +89,34 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 
 
 def _setup_context(ctx, inputs, output):
-    z, rows, alpha_weight, alpha_bias, bias, channel_dim = inputs
-    # z is only read by grad_alpha_weight: do not keep the activation alive otherwise.
-    ctx.save_for_backward(z if alpha_weight.requires_grad else None, rows, alpha_weight, alpha_bias, bias)
+    z, rows, alpha_weight, alpha_bias, bias, channel_dim, *fold = inputs
+    scale, shift, act = tuple(fold) + (None, None, 0)[len(fold):]  # the schema's defaults when not passed
+    # z is read by grad_alpha_weight, and with a folded activation by every gradient (the pre-activation is
+    # recomputed from it): do not keep the activation alive otherwise.
+    keep_z = alpha_weight.requires_grad or act != 0
+    ctx.save_for_backward(z if keep_z else None, rows, alpha_weight, alpha_bias, bias, scale, shift)
+    ctx.act = act
     ctx.channel_dim = channel_dim
     ctx.memory_format = _memory_format(z) if channel_dim == 1 else torch.contiguous_format
 
 
 def _backward(ctx, grad_out):
-    z, rows, alpha_weight, alpha_bias, bias = ctx.saved_tensors
-    need_z, _, need_aw, need_ab, need_b, _ = ctx.needs_input_grad
+    z, rows, alpha_weight, alpha_bias, bias, *fold = ctx.saved_tensors
+    scale, shift = fold if fold else (None, None)
+    act = getattr(ctx, "act", 0)
+    need_z, _, need_aw, need_ab, need_b = ctx.needs_input_grad[:5]
     need_ab = need_ab and alpha_bias is not None and bias is not None
     need_b = need_b and bias is not None
+    none_fold = (None,) * (len(ctx.needs_input_grad) - 6)  # scale, shift, act: no gradient (see above)
     if not (need_z or need_aw or need_ab or need_b):
-        return None, None, None, None, None, None
+        return (None, None, None, None, None, None) + none_fold
     # The kernel reads grad_out with z's layout; the incoming gradient can have any strides (e.g. expanded).
     grad_out = grad_out.contiguous(memory_format=ctx.memory_format)
     grad_z, grad_aw, grad_ab, grad_b = _ops.cuda_gate_backward(
-        grad_out, z if need_aw else None, rows, alpha_weight, alpha_bias, bias, ctx.channel_dim, need_z, need_aw,
-        need_ab, need_b, torch.are_deterministic_algorithms_enabled())
+        grad_out, z if (need_aw or act != 0) else None, rows, alpha_weight, alpha_bias, bias, ctx.channel_dim, need_z,
+        need_aw, need_ab, need_b, torch.are_deterministic_algorithms_enabled(), scale, shift, act)
     return (grad_z if need_z else None, None, grad_aw if need_aw else None, grad_ab if need_ab else None,
-            grad_b if need_b else None, None)
+            grad_b if need_b else None, None) + none_fold
 
 
 torch.library.register_autograd("wfnet::cuda_gate_epilogue", _backward, setup_context=_setup_context)
@@ -110,10 +125,11 @@ torch.library.register_autograd("wfnet::cuda_gate_epilogue", _backward, setup_co
 # ---------------------------------------------------------------------------------------------------------------
 # The backend.
 
-def _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows, channel_dim: int) -> torch.Tensor:
-    """Gate the bias-free conv / matmul output ``z`` per sample and add the gated bias. ``channel_dim`` is 1 for
-    convolutions, -1 for linear layers. When no gradient is needed ``z`` is OVERWRITTEN (callers pass the fresh
-    output of their conv / matmul)."""
+def _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows, channel_dim: int, fold=None) -> torch.Tensor:
+    """Gate the bias-free conv / matmul output ``z`` per sample and add the gated bias (then, with ``fold``, a
+    ``wfnet.fold.Affine``: the folded BatchNorm's affine and activation). ``channel_dim`` is 1 for convolutions, -1
+    for linear layers. When no gradient is needed ``z`` is OVERWRITTEN (callers pass the fresh output of their conv /
+    matmul)."""
     if channel_dim == 1 and z.dim() == 4:
         if not (z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last)):
             z = z.contiguous()
@@ -124,19 +140,26 @@ def _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows, channel_dim: int) ->
     alpha_bias = None if alpha_bias is None else alpha_bias.float().contiguous()
     bias = None if bias is None else bias.to(z.dtype).contiguous()
     rows = rows.contiguous()
+    scale = shift = None
+    act = 0
+    if fold is not None:
+        scale, shift = fold.scale.float().contiguous(), fold.shift.float().contiguous()
+        act = ACT_CODES[fold.act]
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (z, alpha_weight, alpha_bias, bias))
     if needs_grad:
-        return _ops.cuda_gate_epilogue(z, rows, alpha_weight, alpha_bias, bias, channel_dim)
+        return _ops.cuda_gate_epilogue(z, rows, alpha_weight, alpha_bias, bias, channel_dim, scale, shift, act)
     # z is the fresh output of the conv / matmul above and nothing else refers to it: safe to overwrite.
-    _ops.cuda_gate_epilogue_(z, rows, alpha_weight, alpha_bias, bias, channel_dim)
+    _ops.cuda_gate_epilogue_(z, rows, alpha_weight, alpha_bias, bias, channel_dim, scale, shift, act)
     return z
 
 
 class CudaBackend:
     name = "cuda"
+    # the compiled epilogue gathers the rows' gates itself, so it takes the fold (scale, shift, act) directly
+    folds_rows = True
 
-    def unsupported(self, op, x, weight, bias, alpha_weight, alpha_bias, rows, **_):
+    def unsupported(self, op, x, weight, bias, alpha_weight, alpha_bias, rows, fold=None, **_):
         reasons = []
         if x.device.type != "cuda":
             reasons.append(f"the cuda backend needs CUDA tensors, got the input on {x.device}")
@@ -155,15 +178,18 @@ class CudaBackend:
             reasons.append("forget sets (a class mask per sample) need per-sample composed gates, which the compiled "
                            "epilogue of wfnet._C does not take (it reads one class row per sample); use "
                            "backend='triton' or 'torch'")
+        if fold is not None and torch.is_grad_enabled() and (fold.scale.requires_grad or fold.shift.requires_grad):
+            reasons.append("a folded BatchNorm whose weight / bias need a gradient: the compiled epilogue gives the "
+                           "gates' gradients only; use backend='triton' or 'torch' (or freeze the BatchNorm)")
         return reasons
 
-    def conv2d(self, x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups):
+    def conv2d(self, x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups, fold=None):
         z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows.index, channel_dim=1)
+        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows.index, channel_dim=1, fold=fold)
 
-    def linear(self, x, weight, bias, alpha_weight, alpha_bias, rows):
+    def linear(self, x, weight, bias, alpha_weight, alpha_bias, rows, fold=None):
         z = F.linear(x, weight)
-        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows.index, channel_dim=-1)
+        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows.index, channel_dim=-1, fold=fold)
 
 
 BACKEND = CudaBackend()
