@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from . import files
 from ._version import __version__
@@ -219,6 +220,8 @@ class Run:
                 resume = False
         elif out.exists() and any(out.iterdir()):
             raise RunError(f"{out} exists and is neither empty nor a wfnet run folder; choose another --out")
+        if info.enabled:  # every rank has checked the folder before rank 0 writes to it
+            dist.barrier()
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             if not resume:

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -216,8 +215,6 @@ def run(run: Run, cfg: TrainConfig, *, resume: bool = False, progress: bool = Tr
         run.say(f"{run.run_dir}: the original model is already trained (test accuracy "
                 f"{run.original_info().get('test_acc', float('nan')):.2f}%); nothing to do")
         return run
-    if run.info.enabled:  # every rank has checked the folder before rank 0 writes to it
-        dist.barrier()
     try:
         torch.manual_seed(cfg.seed)  # the same initialisation as Run.build_model(seed=cfg.seed)
         model = build_model(c["model"], run.num_classes, c["in_chans"], c["image_size"],
