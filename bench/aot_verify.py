@@ -426,10 +426,13 @@ def _cases(suite: str):
                     torch.empty(shape, dtype=dt)
                 go = torch.empty_like(z)
                 g = torch.empty(shape[0], c)
-                for need in ((True, True, True), (False, True, True), (True, False, False)):
-                    gate_backward(go, z if need[1] else z.new_empty(0), g, cdim, *need, **extra)
+                folded = extra.get("act", "none") != "none"  # a folded activation needs z for every gradient
+                for gb in (None, torch.empty(shape[0], c)):  # the gated bias of a folded BatchNorm, or none
+                    for need in ((True, True, True), (False, True, True), (True, False, False)):
+                        gate_backward(go, z if need[1] or folded else z.new_empty(0), g, cdim, *need, gb=gb,
+                                      **extra)
             add(f"gate backward {shape}", dname, lname, gate_backward,
-                ("grad_out", "z", "g", "channel_dim", "need_gz", "need_g", "need_gb"), bwd)
+                ("grad_out", "z", "g", "channel_dim", "need_gz", "need_g", "need_gb", "gb"), bwd)
 
     def class_thunk(**extra):
         rows = torch.tensor([3, 1, 3, 0, 2])
