@@ -10,6 +10,11 @@ Every backend computes the same function (see ``wfnet.ops``); they differ in how
   with per-sample gates given directly (fp32 [B, C]: weight gate and gated bias), what forget SETS use (the gates are
   composed in ``wfnet.ops`` by ``wfnet.sets``). A backend that cannot take them says so in ``unsupported`` when
   ``rows.mask`` is set (the cuda backend does), so "auto" falls back and an explicit request raises.
+* the fold (:mod:`wfnet.fold`: an eval-mode BatchNorm + activation after the layer): ``sample_gates(alpha_weight,
+  alpha_bias, bias, rows)`` gives the rows' gates (fp32 [B, C]) that ``wfnet.ops`` folds (``s * g``, ``s * gb + t``)
+  and hands to ``conv2d_gates`` / ``linear_gates`` with ``act=`` (the activation, applied in the same pass); a
+  backend whose kernel gathers the rows' gates itself sets ``folds_rows = True`` and takes ``fold=`` (a
+  ``wfnet.fold.Affine``) in ``conv2d`` / ``linear`` instead (cuda). ``unsupported`` also receives ``fold``.
 
 The ops hand backends *normalised* arguments: rows as a validated :class:`wfnet.rows.LayerRows` (``.index``: int64
 [B] on x's device, in range; ``.segments()``: the per-batch sort by row, shared by every layer of a forward), padding
