@@ -161,7 +161,9 @@ def test_zoo_model(name):
     assert len(seen) >= 2  # the last pair: the routed forward's (plain, gated) outputs of the first layer
     assert not torch.allclose(seen[-2], seen[-1])
     assert torch.equal(plain, original_out)
-    torch.testing.assert_close(routed, out, rtol=0, atol=0)
+    # not bit for bit: the hook above disables the first layer's fold (wfnet.fold) in this forward, so its BatchNorm
+    # runs separately (rounding only)
+    torch.testing.assert_close(routed, out, rtol=1e-5, atol=1e-5 * out.abs().max().item())
 
     # per-sample masked-weight model: each sample alone through a plain copy with its row's gates baked in
     with torch.no_grad():
