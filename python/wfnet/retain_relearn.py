@@ -7,8 +7,12 @@ Dormant to Deleted", 2025). The attacker here never sees class c; whatever Acc_f
 Protocol (**decision**, the budget every audited model gets, fixed seeds):
 
 * pool: up to ``pool`` (default 1000) training samples of the retain classes, drawn at random (seeded);
-* ``steps`` (default 100) SGD steps, lr ``lr`` (default 0.01), momentum 0.9, batch ``min(64, pool)`` - the optimiser of
-  the k-shot attack (:func:`wfnet.audit.relearn_fewshot`), so the two attacks differ only in their data;
+* ``steps`` (default 100) SGD steps, lr ``lr`` (default 0.001), momentum 0.9, batch ``min(64, pool)`` - the loop of
+  the k-shot attack (:func:`wfnet.audit.relearn_fewshot`). **decision**, measured on the digits (small CNN, seed 0,
+  classes 0-2, 2026-12-05): at lr 0.01 the retain-only fine-tuning drives the ORIGINAL model's Acc_f to 0.11 (its
+  class-c logit is pushed down), so the attack cannot tell suppression from deletion; at lr 0.001 the original keeps
+  0.978 while the retrained model stays at 0.000 and the unlearned models spread (WF-Net 0.08, its hard export 0.12,
+  negative gradients 0.43); at 0.0001 nothing moves (original 0.992, every unlearned model <= 0.015);
 * parameters: every weight of the model under test (:func:`wfnet.audit._attackable`): all weights of a baseline or
   an exported plain model (soft or hard export); for WF-Net run with row c, the backbone weights while the row-c
   gates stay applied and fixed (the gate logits are not trained), as an attacker who holds the served model would;
@@ -26,7 +30,7 @@ import torch.nn as nn
 __all__ = ["RETAIN_STEPS", "RETAIN_LR", "RETAIN_POOL", "retain_pool", "relearn_retain"]
 
 RETAIN_STEPS = 100
-RETAIN_LR = 0.01
+RETAIN_LR = 0.001  # calibrated: at 0.01 the fine-tuning itself erases class c from the ORIGINAL (see below)
 RETAIN_POOL = 1000
 
 
