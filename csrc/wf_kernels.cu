@@ -351,28 +351,20 @@ __global__ void gate_backward_inner_kernel(const scalar_t* __restrict__ grad_out
 }
 
 // ------------------------------------------------------------------------------------------------------------------
-// Deterministic class-row reduction over a stably sorted row list: one thread per (class row, channel) finds its
-// row's segment by binary search and sums it in sorted-sample order. No atomics, no host synchronisation.
-__device__ __forceinline__ int64_t lower_bound_rows(const int64_t* sorted, int64_t len, int64_t value) {
-  int64_t lo = 0, hi = len;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (sorted[mid] < value) lo = mid + 1; else hi = mid;
-  }
-  return lo;
-}
-
-__global__ void segment_reduce_kernel(const float* __restrict__ buf, const int64_t* __restrict__ sorted_rows,
-                                      const int64_t* __restrict__ perm, const float* __restrict__ alpha,
-                                      const float* __restrict__ scale, float* __restrict__ out, int64_t batch,
+// Deterministic class-row reduction over the batch's class segments (perm / starts: a stable sort of the rows, made
+// once per batch for every layer by wfnet.rows.Rows.segments): one thread per (class row, channel) sums its row's
+// samples in sorted-sample order. No atomics, no host synchronisation.
+__global__ void segment_reduce_kernel(const float* __restrict__ buf, const int64_t* __restrict__ perm,
+                                      const int64_t* __restrict__ starts, const float* __restrict__ alpha,
+                                      const float* __restrict__ scale, float* __restrict__ out,
                                       int64_t channels, int64_t num_classes) {
   const int64_t total = num_classes * channels;
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
     const int64_t r = idx / channels;
     const int64_t c = idx - r * channels;
-    const int64_t lo = lower_bound_rows(sorted_rows, batch, r);
-    const int64_t hi = lower_bound_rows(sorted_rows, batch, r + 1);
+    const int64_t lo = starts[r];
+    const int64_t hi = starts[r + 1];
     float acc = 0.f;
     for (int64_t i = lo; i < hi; ++i) acc += buf[perm[i] * channels + c];
     const float s = sigmoid_f(alpha[idx]);
@@ -479,7 +471,7 @@ void launch_gate_backward_reduce(const at::Tensor& grad_out, const at::Tensor& z
   });
 }
 
-void launch_segment_reduce(const at::Tensor& buf, const at::Tensor& sorted_rows, const at::Tensor& perm,
+void launch_segment_reduce(const at::Tensor& buf, const at::Tensor& perm, const at::Tensor& starts,
                            const at::Tensor& alpha, const at::Tensor& scale, const at::Tensor& out,
                            const GateGeometry& geo) {
   const int64_t total = geo.num_classes * geo.channels;
@@ -487,8 +479,8 @@ void launch_segment_reduce(const at::Tensor& buf, const at::Tensor& sorted_rows,
   const c10::cuda::CUDAGuard guard(out.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   segment_reduce_kernel<<<grid_for((total + kThreads - 1) / kThreads, 16), kThreads, 0, stream>>>(
-      buf.data_ptr<float>(), sorted_rows.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), alpha.data_ptr<float>(),
-      ptr_or_null<float>(scale), out.data_ptr<float>(), geo.batch, geo.channels, geo.num_classes);
+      buf.data_ptr<float>(), perm.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), alpha.data_ptr<float>(),
+      ptr_or_null<float>(scale), out.data_ptr<float>(), geo.channels, geo.num_classes);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -141,13 +141,31 @@ FoldArgs checked_fold(const char* op, const at::Tensor& z, const GateGeometry& g
   return fold;
 }
 
+// perm [B] / starts [N_c + 1], int64, on the rows' device: the batch's class segments (wfnet.rows.Rows.segments).
+void check_segments(const char* op, const at::Tensor& rows, const GateGeometry& geo,
+                    const std::optional<at::Tensor>& perm, const std::optional<at::Tensor>& starts) {
+  TORCH_CHECK(perm.has_value() && starts.has_value(), op,
+              ": the deterministic class-row reduction needs the batch's class segments perm / starts "
+              "(wfnet.rows.Rows.segments, or wf_kernels.gates.segments(rows, num_classes))");
+  for (const auto& [name, t, len] : {std::tuple<const char*, const at::Tensor&, int64_t>{"perm", *perm, geo.batch},
+                                     {"starts", *starts, geo.num_classes + 1}}) {
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == len && t.is_contiguous(), op, ": ",
+                name, " must be a contiguous int64 tensor [", len, "], got ", t.scalar_type(), " ", t.sizes());
+    TORCH_CHECK(t.device() == rows.device(), op, ": ", name, " is on ", t.device(), ", rows on ", rows.device());
+  }
+}
+
 at::Tensor gate_epilogue(const at::Tensor& z, const at::Tensor& rows, const at::Tensor& alpha_weight,
                          const std::optional<at::Tensor>& alpha_bias, const std::optional<at::Tensor>& bias,
                          int64_t channel_dim, const std::optional<at::Tensor>& scale,
-                         const std::optional<at::Tensor>& shift, int64_t act) {
+                         const std::optional<at::Tensor>& shift, int64_t act, const std::optional<at::Tensor>& perm,
+                         const std::optional<at::Tensor>& starts) {
   const char* op = "wfnet::cuda_gate_epilogue";
   const GateGeometry geo = checked_geometry(op, z, rows, alpha_weight, alpha_bias, bias, channel_dim);
   const FoldArgs fold = checked_fold(op, z, geo, scale, shift, act);
+  // perm / starts are not read here: the op takes them so that its autograd formula (wfnet/backends/cuda.py) hands
+  // the batch's class segments to the backward; checked now so a bad pair fails at the forward
+  if (perm.has_value() || starts.has_value()) check_segments(op, rows, geo, perm, starts);
   at::Tensor out = at::empty_like(z);  // keeps z's memory format (NCHW / channels_last)
   launch_gate_epilogue(z, out, rows, alpha_weight, value_or_undefined(alpha_bias), value_or_undefined(bias), fold,
                        geo);
@@ -169,7 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     const at::Tensor& alpha_weight, const std::optional<at::Tensor>& alpha_bias, const std::optional<at::Tensor>& bias,
     int64_t channel_dim, bool need_grad_z, bool need_grad_alpha_weight, bool need_grad_alpha_bias,
     bool need_grad_bias, bool deterministic, const std::optional<at::Tensor>& scale,
-    const std::optional<at::Tensor>& shift, int64_t act) {
+    const std::optional<at::Tensor>& shift, int64_t act, const std::optional<at::Tensor>& perm,
+    const std::optional<at::Tensor>& starts) {
   const char* op = "wfnet::cuda_gate_backward";
   const GateGeometry geo = checked_geometry(op, grad_out, rows, alpha_weight, alpha_bias, bias, channel_dim);
   const FoldArgs fold = checked_fold(op, grad_out, geo, scale, shift, act);
@@ -224,17 +243,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     launch_gate_backward_reduce(grad_out, zt, gz_out, rows, alpha_weight, ab, b, at::Tensor(), at::Tensor(), buf_gz,
                                 buf_g, true, fold, geo);
     if (need_grad_alpha_weight || need_grad_alpha_bias) {
-      // A stable sort fixes the order in which each class row's samples are summed.
-      const auto sorted = at::sort(rows, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-      const at::Tensor& sorted_rows = std::get<0>(sorted);
-      const at::Tensor& perm = std::get<1>(sorted);
+      // The batch's class segments (a stable sort of the rows, made once per batch for every layer) fix the order
+      // in which each class row's samples are summed.
+      check_segments(op, rows, geo, perm, starts);
       if (need_grad_alpha_weight) {
         grad_aw = at::empty_like(alpha_weight);
-        launch_segment_reduce(buf_gz, sorted_rows, perm, alpha_weight, at::Tensor(), grad_aw, geo);
+        launch_segment_reduce(buf_gz, *perm, *starts, alpha_weight, at::Tensor(), grad_aw, geo);
       }
       if (need_grad_alpha_bias) {
         grad_ab = at::empty_like(alpha_weight);
-        launch_segment_reduce(buf_g, sorted_rows, perm, ab, b.to(at::kFloat).contiguous(), grad_ab, geo);
+        launch_segment_reduce(buf_g, *perm, *starts, ab, b.to(at::kFloat).contiguous(), grad_ab, geo);
       }
     }
     if (need_grad_bias) {
@@ -252,13 +270,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
 
 TORCH_LIBRARY(wfnet, m) {
   m.def("cuda_gate_epilogue(Tensor z, Tensor rows, Tensor alpha_weight, Tensor? alpha_bias, Tensor? bias, "
-        "int channel_dim, Tensor? scale=None, Tensor? shift=None, int act=0) -> Tensor");
+        "int channel_dim, Tensor? scale=None, Tensor? shift=None, int act=0, Tensor? perm=None, "
+        "Tensor? starts=None) -> Tensor");
   m.def("cuda_gate_epilogue_(Tensor(a!) z, Tensor rows, Tensor alpha_weight, Tensor? alpha_bias, Tensor? bias, "
         "int channel_dim, Tensor? scale=None, Tensor? shift=None, int act=0) -> ()");
   m.def("cuda_gate_backward(Tensor grad_out, Tensor? z, Tensor rows, Tensor alpha_weight, Tensor? alpha_bias, "
         "Tensor? bias, int channel_dim, bool need_grad_z, bool need_grad_alpha_weight, bool need_grad_alpha_bias, "
-        "bool need_grad_bias, bool deterministic, Tensor? scale=None, Tensor? shift=None, int act=0) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "bool need_grad_bias, bool deterministic, Tensor? scale=None, Tensor? shift=None, int act=0, "
+        "Tensor? perm=None, Tensor? starts=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(wfnet, CUDA, m) {

@@ -58,9 +58,11 @@ void launch_gate_backward_reduce(const at::Tensor& grad_out, const at::Tensor& z
                                  bool use_buffer, const FoldArgs& fold, const GateGeometry& geo);
 
 // Deterministic per-class reduction: out[r, c] = sigmoid'(alpha[r, c]) * scale[c] * sum over samples n with
-// rows[n] = r (in sorted order) of buf[n, c]. `sorted_rows` / `perm` come from a stable sort of rows; scale (fp32
-// [C]) may be undefined (= 1). Every entry of out is written, so it needs no initialisation.
-void launch_segment_reduce(const at::Tensor& buf, const at::Tensor& sorted_rows, const at::Tensor& perm,
+// rows[n] = r (in sorted order) of buf[n, c]. `perm` [B] / `starts` [N_c + 1] (int64) are the batch's class segments,
+// built once per batch by wfnet.rows.Rows.segments and shared by every layer: class r's samples are
+// perm[starts[r]:starts[r + 1]] in stable order. scale (fp32 [C]) may be undefined (= 1). Every entry of out is
+// written, so it needs no initialisation.
+void launch_segment_reduce(const at::Tensor& buf, const at::Tensor& perm, const at::Tensor& starts,
                            const at::Tensor& alpha, const at::Tensor& scale, const at::Tensor& out,
                            const GateGeometry& geo);
 

@@ -31,6 +31,12 @@ from wfnet.backends import BackendUnavailableError
 OP_NAMES = ("cuda_gate_epilogue", "cuda_gate_epilogue_", "cuda_gate_backward")
 
 
+def _segments(rows, num_classes):
+    """The batch's class segments (perm, starts) as wfnet.rows.Rows.segments makes them."""
+    from wfnet.rows import Rows
+    return Rows(rows, num_classes, rows.shape[0]).segments(rows.device)
+
+
 def _build_expected() -> tuple[bool, str]:
     """Mirror setup.py: was `pip install --no-build-isolation -e .` supposed to compile wfnet._C here?"""
     if os.environ.get("WFNET_SKIP_CUDA_BUILD", "0") == "1":
@@ -224,8 +230,10 @@ def test_autograd_glue_maps_gradients(needs):
         ab = torch.empty(10, 4, device="cuda")
         b = torch.empty(4, device="cuda", dtype=torch.float16)
         rows = torch.empty(2, dtype=torch.long, device="cuda")
-        ctx = SimpleNamespace(saved_tensors=(z if need_aw else None, rows, aw, ab, b), needs_input_grad=needs,
-                              channel_dim=1, memory_format=torch.channels_last)
+        perm, starts = torch.empty(2, dtype=torch.long, device="cuda"), torch.empty(11, dtype=torch.long,
+                                                                                       device="cuda")
+        ctx = SimpleNamespace(saved_tensors=(z if need_aw else None, rows, aw, ab, b, None, None, perm, starts),
+                              needs_input_grad=needs, channel_dim=1, memory_format=torch.channels_last, act=0)
         grads = cb._backward(ctx, go)
     assert len(grads) == 6 and grads[1] is None and grads[5] is None
     assert (grads[0] is not None) == need_z and (grads[2] is not None) == need_aw
@@ -450,8 +458,9 @@ def test_epilogue_op_matches_formula(dtype, case, bias_kind):
     # The backward op against the same formula: grad_z = grad_out * gate, class-row sums of grad_out * z.
     go = torch.randn_like(z)
     for det in (False, True):
+        seg = _segments(rows, aw.shape[0]) if det else (None, None)  # the batch's class segments: deterministic sums
         gz, gaw, gab, gb = torch.ops.wfnet.cuda_gate_backward(go, z, rows, aw, ab, b, channel_dim, True, True,
-                                                              ab is not None, b is not None, det)
+                                                              ab is not None, b is not None, det, None, None, 0, *seg)
         torch.testing.assert_close(gz.double(), _epilogue_formula(go, rows, aw, None, None, channel_dim),
                                    rtol=tol, atol=tol)
         dims = [d for d in range(z.dim()) if d not in (0, channel_dim % z.dim())]
@@ -494,9 +503,17 @@ def test_opcheck():
                               tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args))
         go = torch.randn_like(z)
         for det in (False, True):
+            seg = _segments(rows, aw.shape[0]) if det else (None, None)
             torch.library.opcheck(torch.ops.wfnet.cuda_gate_backward.default,
                                   (go, z.detach(), rows, aw.detach(), ab.detach(), b.detach(), cdim, True, True,
-                                   True, True, det))
+                                   True, True, det, None, None, 0, *seg))
+        with pytest.raises(RuntimeError, match="class segments"):  # deterministic sums need the batch's segments
+            torch.ops.wfnet.cuda_gate_backward(go, z.detach(), rows, aw.detach(), ab.detach(), b.detach(), cdim,
+                                               False, True, True, False, True)
+        perm, starts = _segments(rows, aw.shape[0])
+        with pytest.raises(RuntimeError, match="starts must be a contiguous int64 tensor"):
+            torch.ops.wfnet.cuda_gate_backward(go, z.detach(), rows, aw.detach(), ab.detach(), b.detach(), cdim,
+                                               False, True, True, False, True, None, None, 0, perm, starts[:-1])
 
 
 @cuda

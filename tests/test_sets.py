@@ -382,3 +382,54 @@ def test_a_folded_layer_gets_each_samples_set_repeated():
         rows.on("cpu", 6)  # not declared folded: never guessed
     with pytest.raises(TypeError, match="no per-class segments"):
         rows.segments("cpu")
+
+
+def test_the_model_keeps_the_composition_its_gates_were_untrained_with(tmp_path):
+    """``WFModel.set_composition`` governs every routed forward with sets (and layer.gate / export of a set); a
+    ``use_composition`` block still overrides it; save_filters stores it and load_filters restores it (older files:
+    from their untraining options), so a model loaded later never composes its sets another way than trained."""
+    import copy
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    wf = _wrapped()
+    x = torch.randn(3, 3, 6, 6)
+    mask = _mask([[0, 3], [1, 2], []])
+    assert wf.set_composition == sets.DEFAULT_COMPOSITION == "relative"
+    wf.set_composition = "product"
+    torch.testing.assert_close(wf(x, forget=mask), _reference(wf, x, mask, "product"), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(wf(x, forget=mask), _reference(wf, x, mask, "relative"), rtol=1e-4, atol=1e-5)
+    with wfnet.forgetting(wf, mask):  # the context routes with the model's composition too
+        torch.testing.assert_close(wf.model(x), _reference(wf, x, mask, "product"), rtol=1e-4, atol=1e-5)
+    with sets.use_composition("min"):  # an explicit block wins
+        torch.testing.assert_close(wf(x, forget=mask), _reference(wf, x, mask, "min"), rtol=1e-4, atol=1e-5)
+    layer = next(iter(wf.filtered_layers().values()))
+    prod = torch.sigmoid(layer.alpha_weight[0].detach()) * torch.sigmoid(layer.alpha_weight[3].detach())
+    torch.testing.assert_close(layer.gate([0, 3]), prod)
+    torch.testing.assert_close(wfnet.export(wf, [0, 3])(x[:1]), _reference(wf, x[:1], mask[:1], "product"),
+                               rtol=1e-4, atol=1e-5)
+    assert copy.deepcopy(wf).set_composition == "product"
+    with pytest.raises(ValueError, match="unknown gate composition"):
+        wf.set_composition = "mean"
+
+    path = tmp_path / "filters.safetensors"
+    wfnet.save_filters(wf, path)
+    assert wfnet.read_filters_metadata(path)["set_composition"] == "product"
+    fresh = _wrapped(seed=5)
+    assert fresh.set_composition == "relative"
+    wfnet.load_filters(fresh, path)
+    assert fresh.set_composition == "product"
+    torch.testing.assert_close(fresh(x, forget=mask), wf(x, forget=mask))
+
+    # a file written before the key existed: the composition of its untraining options
+    meta = wfnet.read_filters_metadata(path)
+    del meta["set_composition"]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(path), old, metadata={**meta, "untrain": json.dumps({"set_composition": "min"})})
+    wfnet.load_filters(fresh, old)
+    assert fresh.set_composition == "min"
+    save_file(load_file(path), old, metadata={**meta, "set_composition": "mean"})
+    with pytest.raises(ValueError, match="unknown set_composition 'mean'"):
+        wfnet.load_filters(fresh, old)
+    assert fresh.set_composition == "min"  # a refused file changes nothing

@@ -147,7 +147,8 @@ class FilteredLayer:
                 raise ValueError(f"gate() takes one set (a bool mask [{self.num_classes}]), got a mask of shape "
                                  f"{list(row.shape)}")
             sets.check_mask(mask, self.num_classes, 1)
-            return sets.compose_gates(alpha, mask.to(alpha.device))[0].float()
+            how = sets.get_composition(self._router.composition if self._router is not None else None)
+            return sets.compose_gates(alpha, mask.to(alpha.device), how)[0].float()
         rows = Rows.prepare(row, self.num_classes)
         if not isinstance(rows.value, int):
             raise TypeError(f"gate() takes one class row (an int), got {row!r}")

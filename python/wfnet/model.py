@@ -311,6 +311,17 @@ class WFModel(nn.Module):
         self.fold_plan = _fold.plan_fold(model, self.layer_names) if fold else _fold.FoldPlan(error="wrap(fold=False)")
         _fold.install(model, self.router, self.layer_names)
 
+    @property
+    def set_composition(self) -> str:
+        """How this model's gates compose for a SET of classes (:mod:`wfnet.sets`): the composition they were
+        untrained with (``untrain`` sets it; ``save_filters`` stores it and ``load_filters`` restores it), used by
+        every routed forward with sets unless a ``wfnet.sets.use_composition`` block says otherwise."""
+        return self.router.composition
+
+    @set_composition.setter
+    def set_composition(self, name: str) -> None:
+        self.router.composition = sets.check_composition(name)
+
     def set_fold(self, enabled: bool) -> None:
         """Turn the fold (:mod:`wfnet.fold`) on or off for this model's folded chains (outputs agree either way, up
         to float rounding; off = the gate pass, then the BatchNorm and activation modules run as before)."""

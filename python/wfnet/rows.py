@@ -190,9 +190,7 @@ class Rows:
         cached = None if torch.compiler.is_compiling() else self._segments.get(key)
         if cached is not None:
             return cached
-        sorted_rows, perm = torch.sort(idx, stable=True)
-        starts = torch.searchsorted(sorted_rows, torch.arange(self.num_classes + 1, device=idx.device))
-        seg = (perm, starts)
+        seg = class_segments(idx, self.num_classes)
         if not torch.compiler.is_compiling():
             self._segments[key] = seg
         return seg
@@ -227,8 +225,21 @@ class LayerRows(NamedTuple):
     folded: bool = False
     mask: torch.Tensor | None = None
 
-    def segments(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def segments(self, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's class segments, shared by every layer (:meth:`Rows.segments`); a bare index (no ``rows``,
+        e.g. a backend called directly) gets its own, for ``num_classes`` classes."""
+        if self.rows is None:
+            if num_classes is None:
+                raise ValueError("LayerRows without its Rows needs num_classes for its class segments")
+            return class_segments(self.index, num_classes)
         return self.rows.segments(self.index.device, self.index.shape[0], self.folded)
+
+
+def class_segments(index: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(perm, starts)`` of an int64 row index (see :meth:`Rows.segments`, which caches them per batch): a stable
+    sort, and class r's samples as ``perm[starts[r]:starts[r+1]]``. No host sync."""
+    sorted_rows, perm = torch.sort(index, stable=True)
+    return perm, torch.searchsorted(sorted_rows, torch.arange(num_classes + 1, device=index.device))
 
 
 def prepare_rows(rows, num_classes: int, batch: int | None = None) -> Rows | None:
@@ -253,6 +264,8 @@ class RowRouter:
 
     def __init__(self, num_classes: int):
         self.num_classes = int(num_classes)
+        # how the model's gates compose for a set of classes (WFModel.set_composition; wfnet.sets)
+        self.composition = sets.DEFAULT_COMPOSITION
         self._local = threading.local()
         self._local.stack = []  # made now for this thread: torch.compile would otherwise recompile after call one
 
@@ -268,10 +281,11 @@ class RowRouter:
         return bool(self._stack)
 
     def __getstate__(self):  # a copied / pickled model starts with no active rows
-        return {"num_classes": self.num_classes}
+        return {"num_classes": self.num_classes, "composition": self.composition}
 
     def __setstate__(self, state):
         self.num_classes = state["num_classes"]
+        self.composition = state.get("composition", sets.DEFAULT_COMPOSITION)
         self._local = threading.local()
         self._local.stack = []
 
@@ -281,7 +295,8 @@ class RowRouter:
         frame = RouteFrame(Rows.prepare(rows, self.num_classes, batch))
         self._stack.append(frame)
         try:
-            yield frame
+            with sets.model_composition(self.composition):
+                yield frame
         finally:
             self._stack.pop()
 

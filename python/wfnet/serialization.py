@@ -2,7 +2,9 @@
 
 A filters file holds, for every filtered layer ``name``, the tensors ``name.alpha_weight`` (and ``name.alpha_bias``),
 plus string metadata: ``format`` ("wfnet-filters"), ``num_classes``, ``layers`` (JSON list, model order),
-``wfnet_version``, ``backbone`` (the inner model's class) and any extra user metadata.
+``wfnet_version``, ``backbone`` (the inner model's class), ``set_composition`` (how the gates compose for a set of
+classes, ``WFModel.set_composition``; restored by :func:`load_filters`, so sets never run with a composition the gates
+were not untrained for) and any extra user metadata.
 
 A file safetensors cannot parse (truncated, damaged, not safetensors) raises :class:`wfnet.CorruptFileError` (a
 ValueError) naming it and saying what to do, from :func:`load_filters` and :func:`read_filters_metadata` alike.
@@ -15,6 +17,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from . import sets
 from ._version import __version__
 from .checkpoint import read_safetensors
 from .files import atomic_write
@@ -39,6 +42,7 @@ def save_filters(wf: WFModel, path, metadata: dict | None = None) -> None:
         "layers": json.dumps(wf.layer_names),
         "wfnet_version": __version__,
         "backbone": type(wf.model).__name__,
+        "set_composition": wf.set_composition,
     }
     reserved = sorted(set(map(str, metadata or {})) & set(meta))
     if reserved:
@@ -55,7 +59,9 @@ def read_filters_metadata(path) -> dict:
 
 
 def load_filters(wf: WFModel, path) -> dict:
-    """Load gates saved by :func:`save_filters` into ``wf`` after checking they fit; returns the file's metadata.
+    """Load gates saved by :func:`save_filters` into ``wf`` after checking they fit, and the set composition they
+    were untrained with (``wf.set_composition``; files from before it was stored: the one in their untraining options,
+    else the default they were made with); returns the file's metadata.
 
     Raises ValueError (nothing is modified) when the file is not a wfnet filters file, or its num_classes, layer
     names or tensor shapes differ from the model's; :class:`wfnet.CorruptFileError` (a ValueError) when it is
@@ -80,6 +86,11 @@ def load_filters(wf: WFModel, path) -> dict:
             extra = sorted(set(layers) - set(wf.layer_names))
             raise ValueError(f"{path} does not match the model's filtered layers: missing from file {missing}, "
                              f"not in model {extra}" + ("" if missing or extra else " (different order)"))
+        composition = meta.get("set_composition") or _json_get(meta.get("untrain"), "set_composition") or \
+            sets.DEFAULT_COMPOSITION
+        if composition not in sets.COMPOSITIONS:
+            raise ValueError(f"{path}: unknown set_composition {composition!r} in its metadata (this wfnet knows "
+                             f"{', '.join(sets.COMPOSITIONS)}); a newer wfnet wrote it?")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     params = dict(wf.named_filter_parameters())
     if set(tensors) != set(params):
@@ -90,4 +101,14 @@ def load_filters(wf: WFModel, path) -> dict:
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(tensors[k].to(p.device, p.dtype))
+    wf.set_composition = composition
     return meta
+
+
+def _json_get(text, key):
+    """``key`` of a JSON object stored as metadata text (None when absent or not an object)."""
+    try:
+        obj = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return obj.get(key) if isinstance(obj, dict) else None

@@ -226,7 +226,7 @@ def export_onnx(model, path, example_x, forget: str | None = "rows", opset: int 
     meta = {"forget_kind": forget or "none", "dtype": str(example_x.dtype).removeprefix("torch.")}
     if forget is not None:
         meta["num_classes"] = str(model.num_classes)
-        meta["composition"] = sets.get_composition() if forget == "mask" else "single row"
+        meta["composition"] = sets.get_composition(model.set_composition) if forget == "mask" else "single row"
     for key, value in meta.items():
         onnx_program.model.metadata_props[_META_PREFIX + key] = value
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,10 @@ sample do not compose under any of the three (closing several classes' channels 
 leaves classes of the set recognised), so sets need gates untrained with sets (``wfnet untrain --set-size K``). On
 such gates the three keep the same Acc_r, and ``"relative"`` closes the classes of 5-class sets best (the lowest worst
 Acc_f in every one of 5 set-untrained runs); training with it or with ``"product"`` made no measurable difference, so
-one composition serves both. Which one applies is :func:`get_composition` (``use_composition(name)`` changes it for a
-block; ``wfnet untrain --set-composition`` for training, and ``wfnet evaluate --sets`` uses the run's).
+one composition serves both. Which one applies is :func:`get_composition`: a ``use_composition(name)`` block if one
+is open, else the routed model's own (``WFModel.set_composition``: the one its gates were untrained with, saved in
+the filters file and restored by ``load_filters``), else the default. ``wfnet untrain --set-composition`` sets it
+for training and stores it with the gates.
 
 Everything here is plain differentiable torch on the mask with no data-dependent Python control flow and no host
 sync, so gradients reach the gate logits through the composition (untraining with sets), and ``torch.compile`` /
@@ -40,32 +42,54 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["COMPOSITIONS", "DEFAULT_COMPOSITION", "compose_gates", "set_gates", "sets_to_mask", "is_set_list",
-           "check_mask", "get_composition", "use_composition", "mask_to_sets", "parse_sets"]
+           "check_mask", "get_composition", "use_composition", "model_composition", "check_composition", "mask_to_sets",
+           "parse_sets"]
 
 COMPOSITIONS = ("product", "min", "relative")
 DEFAULT_COMPOSITION = "relative"
 _state = threading.local()
 
 
-def get_composition() -> str:
-    """The composition the filtered layers use now (this thread): ``use_composition``'s, else the default."""
-    stack = getattr(_state, "stack", None)
-    return stack[-1] if stack else DEFAULT_COMPOSITION
+def check_composition(name) -> str:
+    if name not in COMPOSITIONS:
+        raise ValueError(f"unknown gate composition {name!r}; choose one of {', '.join(COMPOSITIONS)}")
+    return name
+
+
+def get_composition(default: str | None = None) -> str:
+    """The composition the filtered layers use now (this thread): an open ``use_composition`` block's, else the
+    routed model's (``model_composition``, pushed by a WFModel's routing), else ``default``, else the default."""
+    for key in ("stack", "models"):
+        stack = getattr(_state, key, None)
+        if stack:
+            return stack[-1]
+    return default or DEFAULT_COMPOSITION
 
 
 @contextlib.contextmanager
-def use_composition(name: str) -> Iterator[None]:
-    """Compose set gates with ``name`` (one of :data:`COMPOSITIONS`) inside the block (this thread only)."""
-    if name not in COMPOSITIONS:
-        raise ValueError(f"unknown gate composition {name!r}; choose one of {', '.join(COMPOSITIONS)}")
-    stack = getattr(_state, "stack", None)
+def _pushed(key: str, name: str) -> Iterator[None]:
+    check_composition(name)
+    stack = getattr(_state, key, None)
     if stack is None:
-        stack = _state.stack = []
+        stack = []
+        setattr(_state, key, stack)
     stack.append(name)
     try:
         yield
     finally:
         stack.pop()
+
+
+def use_composition(name: str):
+    """Compose set gates with ``name`` (one of :data:`COMPOSITIONS`) inside the block (this thread only), whatever
+    the model's own composition."""
+    return _pushed("stack", name)
+
+
+def model_composition(name: str):
+    """The routed model's composition inside the block (a WFModel's routing opens it; a ``use_composition`` block
+    still wins)."""
+    return _pushed("models", name)
 
 
 # ------------------------------------------------------------------------------------------------------ the mask

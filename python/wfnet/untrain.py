@@ -360,6 +360,8 @@ def untrain(wf: WFModel, train_ds: Dataset, val_ds: Dataset, cfg: UntrainConfig,
     (history of validations, best validation loss, steps, stop reason, seconds)."""
     info = info or DistInfo()
     num_classes = wf.num_classes
+    # the gates learn to compose this way for sets; the model keeps it (saved with the gates by save_filters)
+    wf.set_composition = getattr(cfg, "set_composition", None) or DEFAULT_COMPOSITION
     wf.to(device).eval()
     wf.probe_coverage(train_ds, device)  # refuse a model whose filtered layers get no gate gradient
     params = list(wf.filter_parameters())

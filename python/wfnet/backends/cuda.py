@@ -12,7 +12,8 @@ Design:
   ``torch.nn.grad.conv2d_input`` would) and, for a trainable weight, grad_weight. One fused backward pass over
   grad_out and z gives grad_z and the per-(sample, channel) sums behind grad_alpha_weight / grad_alpha_bias, which
   are scattered into the class rows with atomics, or, when ``torch.are_deterministic_algorithms_enabled()``, by a
-  segmented reduction over the stably sorted rows.
+  segmented reduction over the batch's class segments (``wfnet.rows.Rows.segments``: one stable sort per batch,
+  shared by every layer and by the triton backend; the forward op takes them so its autograd formula can pass them on).
 * z is saved for backward only when alpha_weight needs a gradient (the other gradients do not read it). When no
   gradient is needed at all (inference), the epilogue runs in place on the fresh conv / matmul output.
 * Fake (meta) kernels are registered here with ``torch.library.register_fake`` so torch.compile can trace the ops;
@@ -53,7 +54,8 @@ ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "hardswish"
 
 
 @torch.library.register_fake("wfnet::cuda_gate_epilogue")
-def _epilogue_fake(z, rows, alpha_weight, alpha_bias, bias, channel_dim, scale=None, shift=None, act=0):
+def _epilogue_fake(z, rows, alpha_weight, alpha_bias, bias, channel_dim, scale=None, shift=None, act=0, perm=None,
+                   starts=None):
     return torch.empty_like(z)  # same memory format as z, like the CUDA kernel's at::empty_like
 
 
@@ -65,7 +67,7 @@ def _epilogue_inplace_fake(z, rows, alpha_weight, alpha_bias, bias, channel_dim,
 @torch.library.register_fake("wfnet::cuda_gate_backward")
 def _backward_fake(grad_out, z, rows, alpha_weight, alpha_bias, bias, channel_dim, need_grad_z,
                    need_grad_alpha_weight, need_grad_alpha_bias, need_grad_bias, deterministic, scale=None,
-                   shift=None, act=0):
+                   shift=None, act=0, perm=None, starts=None):
     def empty(like):
         return like.new_empty((0,))
 
@@ -79,8 +81,8 @@ def _backward_fake(grad_out, z, rows, alpha_weight, alpha_bias, bias, channel_di
 
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd for the functional epilogue op. Inputs: (z, rows, alpha_weight, alpha_bias, bias, channel_dim, scale, shift,
-# act); scale / shift (a folded BatchNorm's affine) get no gradient: the backend refuses a fold whose BatchNorm
-# parameters need one (CudaBackend.unsupported).
+# act, perm, starts); scale / shift (a folded BatchNorm's affine) get no gradient: the backend refuses a fold whose
+# BatchNorm parameters need one (CudaBackend.unsupported); perm / starts are the batch's class segments.
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
@@ -89,32 +91,32 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 
 
 def _setup_context(ctx, inputs, output):
-    z, rows, alpha_weight, alpha_bias, bias, channel_dim, *fold = inputs
-    scale, shift, act = tuple(fold) + (None, None, 0)[len(fold):]  # the schema's defaults when not passed
+    z, rows, alpha_weight, alpha_bias, bias, channel_dim, *rest = inputs
+    # the schema's defaults for what was not passed
+    scale, shift, act, perm, starts = tuple(rest) + (None, None, 0, None, None)[len(rest):]
     # z is read by grad_alpha_weight, and with a folded activation by every gradient (the pre-activation is
     # recomputed from it): do not keep the activation alive otherwise.
     keep_z = alpha_weight.requires_grad or act != 0
-    ctx.save_for_backward(z if keep_z else None, rows, alpha_weight, alpha_bias, bias, scale, shift)
+    ctx.save_for_backward(z if keep_z else None, rows, alpha_weight, alpha_bias, bias, scale, shift, perm, starts)
     ctx.act = act
     ctx.channel_dim = channel_dim
     ctx.memory_format = _memory_format(z) if channel_dim == 1 else torch.contiguous_format
 
 
 def _backward(ctx, grad_out):
-    z, rows, alpha_weight, alpha_bias, bias, *fold = ctx.saved_tensors
-    scale, shift = fold if fold else (None, None)
-    act = getattr(ctx, "act", 0)
+    z, rows, alpha_weight, alpha_bias, bias, scale, shift, perm, starts = ctx.saved_tensors
+    act = ctx.act
     need_z, _, need_aw, need_ab, need_b = ctx.needs_input_grad[:5]
     need_ab = need_ab and alpha_bias is not None and bias is not None
     need_b = need_b and bias is not None
-    none_fold = (None,) * (len(ctx.needs_input_grad) - 6)  # scale, shift, act: no gradient (see above)
+    none_fold = (None,) * (len(ctx.needs_input_grad) - 6)  # scale, shift, act, perm, starts: no gradient
     if not (need_z or need_aw or need_ab or need_b):
         return (None, None, None, None, None, None) + none_fold
     # The kernel reads grad_out with z's layout; the incoming gradient can have any strides (e.g. expanded).
     grad_out = grad_out.contiguous(memory_format=ctx.memory_format)
     grad_z, grad_aw, grad_ab, grad_b = _ops.cuda_gate_backward(
         grad_out, z if (need_aw or act != 0) else None, rows, alpha_weight, alpha_bias, bias, ctx.channel_dim, need_z,
-        need_aw, need_ab, need_b, torch.are_deterministic_algorithms_enabled(), scale, shift, act)
+        need_aw, need_ab, need_b, torch.are_deterministic_algorithms_enabled(), scale, shift, act, perm, starts)
     return (grad_z if need_z else None, None, grad_aw if need_aw else None, grad_ab if need_ab else None,
             grad_b if need_b else None, None) + none_fold
 
@@ -125,11 +127,12 @@ torch.library.register_autograd("wfnet::cuda_gate_epilogue", _backward, setup_co
 # ---------------------------------------------------------------------------------------------------------------
 # The backend.
 
-def _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows, channel_dim: int, fold=None) -> torch.Tensor:
+def _gate_epilogue(z, bias, alpha_weight, alpha_bias, layer_rows, channel_dim: int, fold=None) -> torch.Tensor:
     """Gate the bias-free conv / matmul output ``z`` per sample and add the gated bias (then, with ``fold``, a
-    ``wfnet.fold.Affine``: the folded BatchNorm's affine and activation). ``channel_dim`` is 1 for convolutions, -1
-    for linear layers. When no gradient is needed ``z`` is OVERWRITTEN (callers pass the fresh output of their conv /
-    matmul)."""
+    ``wfnet.fold.Affine``: the folded BatchNorm's affine and activation). ``layer_rows`` is the layer's
+    ``wfnet.rows.LayerRows``: its index, and its batch's class segments for a deterministic backward. ``channel_dim``
+    is 1 for convolutions, -1 for linear layers. When no gradient is needed ``z`` is OVERWRITTEN (callers pass the
+    fresh output of their conv / matmul)."""
     if channel_dim == 1 and z.dim() == 4:
         if not (z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last)):
             z = z.contiguous()
@@ -139,7 +142,7 @@ def _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows, channel_dim: int, fo
     alpha_weight = alpha_weight.float().contiguous()
     alpha_bias = None if alpha_bias is None else alpha_bias.float().contiguous()
     bias = None if bias is None else bias.to(z.dtype).contiguous()
-    rows = rows.contiguous()
+    rows = layer_rows.index.contiguous()
     scale = shift = None
     act = 0
     if fold is not None:
@@ -148,7 +151,11 @@ def _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows, channel_dim: int, fo
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (z, alpha_weight, alpha_bias, bias))
     if needs_grad:
-        return _ops.cuda_gate_epilogue(z, rows, alpha_weight, alpha_bias, bias, channel_dim, scale, shift, act)
+        # the batch's class segments (one sort per batch, cached on the rows, shared by every layer): what a
+        # deterministic backward sums by (passed always: determinism may be switched on before the backward runs)
+        perm, starts = layer_rows.segments(alpha_weight.shape[0])
+        return _ops.cuda_gate_epilogue(z, rows, alpha_weight, alpha_bias, bias, channel_dim, scale, shift, act, perm,
+                                       starts)
     # z is the fresh output of the conv / matmul above and nothing else refers to it: safe to overwrite.
     _ops.cuda_gate_epilogue_(z, rows, alpha_weight, alpha_bias, bias, channel_dim, scale, shift, act)
     return z
@@ -185,11 +192,11 @@ class CudaBackend:
 
     def conv2d(self, x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups, fold=None):
         z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows.index, channel_dim=1, fold=fold)
+        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows, channel_dim=1, fold=fold)
 
     def linear(self, x, weight, bias, alpha_weight, alpha_bias, rows, fold=None):
         z = F.linear(x, weight)
-        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows.index, channel_dim=-1, fold=fold)
+        return _gate_epilogue(z, bias, alpha_weight, alpha_bias, rows, channel_dim=-1, fold=fold)
 
 
 BACKEND = CudaBackend()
