@@ -90,6 +90,51 @@ def parse_ptxas_log(log: str) -> dict:
     return out
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_SASS_BRANCH = re.compile(r"\bBRA\b(?:\.\w+)*\s+(?:`?\(?\.?\w*\)?\s*)?0x([0-9a-f]+)")
+_SASS_LOCAL = re.compile(r"\b(?:STL|LDL)(?:\.[\w.]+)?\b")
+
+
+def local_memory_in_loops(sass: str) -> dict:
+    """Where a kernel's register spills (local-memory loads / stores, STL / LDL) sit in its SASS: ``in_loops`` counts
+    those inside a loop body (an address range closed by a backward branch), which run every iteration, and
+    ``outside`` those that run once per program. ptxas -O3 spills a few bytes on purpose to reach an occupancy
+    target (a register 'parked' across the main loop, e.g. a shared-memory scratch address for the reduction after
+    it): it costs one store and one load per program, not per iteration."""
+    instrs, loops = [], []
+    for m in _SASS_LINE.finditer(sass):
+        addr, text = int(m.group(1), 16), m.group(2)
+        instrs.append((addr, text))
+        b = _SASS_BRANCH.search(text)
+        if b and int(b.group(1), 16) <= addr:
+            loops.append((int(b.group(1), 16), addr))
+    if not instrs:
+        raise AOTUnavailable("cuobjdump -sass printed no instructions: the SASS format changed")
+    local = [a for a, t in instrs if _SASS_LOCAL.search(t)]
+    inside = [a for a in local if any(lo <= a <= hi for lo, hi in loops)]
+    return dict(in_loops=len(inside), outside=len(local) - len(inside), loops=len(loops))
+
+
+def sass_of(cubin: bytes) -> str:
+    """The SASS of a cubin, by the cuobjdump that ships with this Triton (or CUDA's)."""
+    tool = None
+    try:
+        from triton import knobs
+        tool = knobs.nvidia.cuobjdump.path
+    except Exception:
+        pass
+    tool = tool or shutil.which("cuobjdump")
+    if not tool or not os.path.exists(tool):
+        raise AOTUnavailable("cuobjdump not found (it ships in triton/backends/nvidia/bin): spills cannot be placed")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        proc = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AOTUnavailable(f"cuobjdump -sass failed: {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
 def blocks_per_sm(arch: int, registers: int, shared: int, num_warps: int) -> int:
     """Resident blocks per SM (occupancy): the least of the register, shared-memory, thread and block limits.
     Registers are allocated per warp in units of 256."""
@@ -231,6 +276,12 @@ def _install(arch: int, records: list, seen: dict):
             rec.update(parse_ptxas_log(log.getvalue()))
             rec["shared"] = int(kernel.metadata.shared)
             rec["blocks_per_sm"] = blocks_per_sm(arch, rec["registers"], rec["shared"], c["num_warps"])
+            if rec["spill_stores"] or rec["spill_loads"]:  # where: every iteration, or once per program
+                rec["local_memory"] = local_memory_in_loops(sass_of(kernel.asm["cubin"]))
+            dump = os.environ.get("WFNET_AOT_DUMP")  # a folder: the PTX of every spilling variant, to read
+            if dump and (rec["spill_stores"] or rec["spill_loads"]):
+                Path(dump).mkdir(parents=True, exist_ok=True)
+                (Path(dump) / f"{fn.name}_sm{arch}_{len(records)}.ptx").write_text(kernel.asm["ptx"])
         seen[variant] = len(records)
         records.append(rec)
         if os.environ.get("WFNET_AOT_PROGRESS"):
@@ -294,6 +345,10 @@ CI_CONV_VARIANTS = ({("vgg16.features.24", True, "NHWC", dt) for dt in _ALL}
                     | {("vgg16.features.24", True, "NCHW", dt) for dt in ("fp32-ieee", "bf16")}
                     | {("resnet18.layer2.downsample", True, "NHWC", dt) for dt in _ALL}
                     | {("odd", True, layout, dt) for dt in _ALL for layout in ("NHWC", "NCHW")})
+# the "ci" suite's values of discovered wrapper arguments, where it keeps a subset ("full" compiles every value): the
+# folded activations "none", the most common (ReLU) and the longest epilogue / backward math (GELU: erf and exp; it
+# held the most register pressure of the seven in the full sweeps, bench/results/aot_full_*)
+CI_WRAPPER_VALUES = {"act": ("none", "relu", "gelu")}
 # (name, batch, tokens, in, out, bias): ViT-S qkv (197 tokens, 384 -> 1152) and an odd shape without bias.
 LINEAR_SHAPES = [
     ("vit_small.qkv", 2, 197, 384, 1152, True),
@@ -344,6 +399,22 @@ def wrapper_choices(fn, handled) -> dict:
         if p.default is not p.empty and p.default in values:
             values = (p.default, *[v for v in values if v != p.default])
         out[name] = values
+    return out
+
+
+def _suite_values(choices: dict, suite: str) -> dict:
+    """``choices`` narrowed to ``CI_WRAPPER_VALUES`` in the "ci" suite (a value the wrapper no longer takes is an
+    error: the CI subset must be kept in step with the code)."""
+    if suite != "ci":
+        return choices
+    out = dict(choices)
+    for name, keep in CI_WRAPPER_VALUES.items():
+        if name in out:
+            unknown = set(keep) - set(out[name])
+            if unknown:
+                raise AOTUnavailable(f"CI_WRAPPER_VALUES[{name!r}] lists {sorted(unknown)}, which the launch wrapper "
+                                     f"does not take (it takes {list(out[name])})")
+            out[name] = tuple(v for v in out[name] if v in keep)
     return out
 
 
@@ -466,7 +537,7 @@ def compile_for(arch: int, suite: str, only: str | None = None) -> list[dict]:
     records, seen = [], {}
     state = _install(arch, records, seen)
     cases = [cs for cs in _cases(suite) if not only or only in f"{cs['name']} {cs['dtype']} {cs['layout']}"]
-    combos = {id(cs): _combos(wrapper_choices(cs["wrapper"], cs["handled"])) for cs in cases}
+    combos = {id(cs): _combos(_suite_values(wrapper_choices(cs["wrapper"], cs["handled"]), suite)) for cs in cases}
     for cs in cases:  # pass 1: the defaults
         state["case"] = dict(name=cs["name"], dtype=cs["dtype"], layout=cs["layout"], extra={})
         cs["thunk"](**combos[id(cs)][0])
@@ -555,7 +626,7 @@ def violations(records: list[dict]) -> list[str]:
             continue
         if r["spill_stores"] or r["spill_loads"]:
             bad.append(f"spills {r['spill_stores']} B stores / {r['spill_loads']} B loads at {r['registers']} "
-                       f"registers: {where}")
+                       f"registers ({r.get('local_memory')}): {where}")
         if r["shared"] > TARGETS[r["arch"]]["smem_per_block"]:
             bad.append(f"shared memory {r['shared']} B > {TARGETS[r['arch']]['smem_per_block']} B: {where}")
     return bad

@@ -118,7 +118,7 @@ def test_linear_2d_input_and_frozen_gates():
 
 
 def test_bf16_linear_under_interpreter_takes_epilogue_path():
-    if not wf_kernels.dispatch.INTERPRET:
+    if not dispatch.INTERPRET:
         pytest.skip("interpreter-only routing")
     w = torch.randn(8, 4, dtype=torch.bfloat16)
     path, reason = dispatch.linear_path((6, 4), w, torch.bfloat16)
@@ -138,50 +138,6 @@ def test_backward_is_bitwise_reproducible():
     _, det2 = check_linear(**args)
     for d1, d2 in zip(det1, det2):
         assert torch.equal(d1, d2)
-
-
-@pytest.mark.parametrize("nc,rows", [(5, [4, 0, 4, 4, 2, 0]), (1000, [999, 3, 3]), (4, [1]), (3, [])])
-def test_class_segments_and_class_grad_match_index_add(nc, rows):
-    """The fixed grid over all classes (empty classes exit at once) equals index_add of the per-sample grads."""
-    from wf_kernels import gates
-
-    rows = torch.tensor(rows, dtype=torch.long, device=DEV)
-    perm, starts = gates.segments(rows, nc)
-    assert starts.shape == (nc + 1,) and starts[0] == 0 and starts[-1] == rows.numel()
-    for r in range(nc):  # class r's samples, in sample order (stable sort)
-        assert rows[perm[starts[r]:starts[r + 1]]].eq(r).all()
-        assert torch.equal(perm[starts[r]:starts[r + 1]], torch.nonzero(rows == r).flatten())
-    g = torch.Generator().manual_seed(nc)
-    alpha = torch.randn(nc, 37, generator=g).to(DEV)
-    grad = torch.randn(rows.numel(), 37, generator=g).to(DEV)
-    s = torch.sigmoid(alpha)
-    ref = torch.zeros_like(alpha).index_add_(0, rows, grad) * s * (1 - s)
-    torch.testing.assert_close(gates.class_grad(grad, alpha, perm, starts), ref, rtol=1e-6, atol=1e-6)
-
-
-def test_segments_are_built_once_per_forward_and_shared_by_layers(monkeypatch):
-    """A 3-layer wrapped model on the triton backend sorts the batch's rows once, not once per layer."""
-    import wfnet.rows as R
-
-    calls = []
-    real = R.Rows.segments
-
-    def counting(self, *a, **k):
-        calls.append(len(self._segments))
-        return real(self, *a, **k)
-
-    builds = []
-    real_sort = torch.sort
-    monkeypatch.setattr(R.Rows, "segments", counting)
-    monkeypatch.setattr(R.torch, "sort", lambda *a, **k: builds.append(1) or real_sort(*a, **k))
-    net = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Linear(9, 9), torch.nn.Linear(9, 4)).to(DEV)
-    wf = wfnet.wrap(net, num_classes=4, targets=["0", "1", "2"])
-    x = torch.randn(5, 6, device=DEV)
-    with wfnet.use_backend("triton"):
-        wf(x, forget=torch.tensor([3, 1, 3, 0, 2])).sum().backward()
-    assert len(calls) == 6  # alpha_weight and alpha_bias of three layers asked...
-    assert len(builds) == 1  # ...and the sort ran once
-    assert all(p.grad is not None for p in wf.filter_parameters())
 
 
 def test_unsupported_reasons(monkeypatch):
@@ -232,42 +188,3 @@ def test_linear_cuda(dtype, allow_tf32, shape, path):
     with tf32(allow_tf32):
         check_linear(b, t, k, n, nc, dtype, "random", seed=1, path=path)
         check_linear(b, t, k, n, nc, dtype, "few", train_weight=True, seed=2, path=path)
-
-
-def test_autotune_prunes_configs_that_do_not_fit_shared_memory_or_registers(monkeypatch):
-    """Of the eleven Hopper configs, three need 256-288 KB for fp32 operands (an H100 has 227 KB per block); bf16
-    halves the tiles and keeps all. Register limits (measured by bench/aot_verify.py): full-precision fp32 keeps
-    only configs with <= 32 accumulators per thread, TF32 <= 128; the NCHW implicit-GEMM conv <= 32 accumulators and
-    <= 16 input-tile elements per thread; channels_last on sm_90 <= 64 accumulators and <= 32 weight-tile elements;
-    unaligned operands (K, N, C_in or C_out not a multiple of 16) <= 32 accumulators and <= 8 input-tile elements.
-    A batch bucket keys the tuning, so batches 160 and 250 share one tuning."""
-    from wf_kernels import autotune as at
-
-    monkeypatch.setattr(at, "smem_limit", lambda device: 232_448)
-    monkeypatch.setattr(at, "CAPABILITY", (9, 0))
-    fp32 = {"x_ptr": torch.empty(1, dtype=torch.float32)}
-    bf16 = {"x_ptr": torch.empty(1, dtype=torch.bfloat16)}
-    kept = at.prune_configs(at._HOPPER, fp32, INPUT_PRECISION="tf32")
-    assert len(kept) == 8 and all(at.smem_bytes(c, 4) <= 232_448 for c in kept)
-    ieee = at.prune_configs(at._HOPPER, fp32, INPUT_PRECISION="ieee")
-    assert ieee and all(at.accumulators_per_thread(c) <= 32 for c in ieee)
-    assert len(at.prune_configs(at._HOPPER, bf16, INPUT_PRECISION="ieee")) == 11
-    tiles = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in cs]  # noqa: E731
-    nchw = at.prune_configs(at._HOPPER, bf16, INPUT_PRECISION="ieee", C_INNER=False)
-    assert tiles(nchw) == [(64, 64, 32, 4), (64, 64, 16, 4), (64, 32, 16, 4)]
-    nhwc = at.prune_configs(at._HOPPER, bf16, INPUT_PRECISION="ieee", C_INNER=True)
-    assert tiles(nhwc) == [(128, 128, 64, 8), (128, 64, 64, 4), (64, 64, 64, 4), (64, 64, 32, 4), (64, 64, 16, 4),
-                           (64, 32, 16, 4)]
-    for odd in ({"K": 37, "N": 64}, {"C_in": 3, "C_out": 64}, {"K": 64, "N": 50}):  # unaligned operands
-        kept = at.prune_configs(at._HOPPER, dict(bf16, **odd), INPUT_PRECISION="ieee", C_INNER=True)
-        assert tiles(kept) == [(64, 64, 16, 4), (64, 32, 16, 4)], odd
-    assert len(at.prune_configs(at._HOPPER, dict(bf16, K=64, N=1152), INPUT_PRECISION="ieee")) == 11
-    misaligned = {"x_ptr": torch.empty(9, dtype=torch.bfloat16)[1:]}  # a view 2 bytes into its storage
-    assert tiles(at.prune_configs(at._HOPPER, misaligned)) == [(64, 64, 16, 4), (64, 32, 16, 4)]
-    monkeypatch.setattr(at, "CAPABILITY", (8, 0))  # sm_80: channels_last convs at most 64 accumulators
-    nhwc = at.prune_configs(at._AMPERE, bf16, INPUT_PRECISION="ieee", C_INNER=True)
-    assert nhwc and all(at.accumulators_per_thread(c) <= 64 for c in nhwc)
-    assert all(at.accumulators_per_thread(c) <= 128 for c in at._HOPPER + at._AMPERE)
-    monkeypatch.setattr(at, "smem_limit", lambda device: 1_000)  # nothing fits: the smallest config, not none
-    assert len(at.prune_configs(at._HOPPER, fp32)) == 1
-    assert at.m_bucket(160 * 65) == at.m_bucket(250 * 65) == 16384 and at.m_bucket(1) == 64

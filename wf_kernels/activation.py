@@ -18,6 +18,16 @@ Activation = Literal["none", "relu", "relu6", "silu", "gelu", "hardswish", "hard
 ACTIVATIONS = ("none", "relu", "relu6", "silu", "gelu", "hardswish", "hardsigmoid")
 
 
+def reference(x, act: str):
+    """``act(x)`` in torch (torch.nn.functional's definitions, GELU with the exact erf): what ``activation``
+    computes, for tests and the kernels' references."""
+    import torch.nn.functional as F
+
+    fns = {"none": lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
+           "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}
+    return fns[check_activation(act)](x)
+
+
 def check_activation(act: str) -> str:
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)}")

@@ -69,7 +69,10 @@ _HOPPER = [
     _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 4, 4),
     _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(128, 128, 32, 4, 4),
     _cfg(64, 64, 32, 4, 4),  # small K: the NCHW implicit-GEMM conv's gather (see fits_registers)
-    _cfg(64, 64, 16, 4, 4), _cfg(64, 32, 16, 4, 4),  # 8 input-tile elements / thread: unaligned operands
+    # 8 input-tile elements / thread: unaligned operands. In full-precision fp32 convs on sm_90, 64x64x16 (any
+    # stages) and 64x32x16 with 4 stages spilled 4 B at 96-168 registers (Triton 3.8), 64x32x16 with 3 stages 8 B at
+    # 128 registers (Triton 3.6); 32x64x32 s4 and 64x32x16 s2 did not (bench/aot_verify.py, 2026-12-05)
+    _cfg(32, 64, 32, 4, 4), _cfg(64, 32, 16, 4, 2),
 ]
 _AMPERE = [
     _cfg(128, 256, 32, 8, 3), _cfg(256, 128, 32, 8, 3), _cfg(128, 128, 32, 4, 4), _cfg(128, 64, 32, 4, 4),
@@ -176,7 +179,8 @@ def fits_registers(config, elem_bytes: int, input_precision: str, conv_gather: s
       64x128x64; full-precision fp32 32 accumulators and 16 input-tile elements), on sm_80 64 accumulators (32 with
       4-byte operands) and 16 weight-tile elements (64x128x32 spilled 20-24 B in TF32), 16 accumulators for
       full-precision fp32; NCHW (scalar gathers) at most 32 accumulators and 16 input-tile elements per thread on
-      both (64x64x64 spilled 32-652 B on sm_90, 128x32x32 132-264 B on sm_80).
+      both (64x64x64 spilled 32-652 B on sm_90, 128x32x32 132-264 B on sm_80), 16 accumulators in full-precision
+      fp32, aligned or not (64x64x16 with a folded GELU spilled 12 B at 255 registers on sm_80 with Triton 3.6).
     * unaligned operands (``aligned`` False, see ``operands_aligned``: a K / N / C_in / C_out not a multiple of 16,
       e.g. a 3-channel stem conv, or a misaligned pointer): at most 32 accumulators and 8 input-tile elements per
       thread, every kernel, dtype and layout (measured on both archs: every config with 16 input-tile elements
@@ -190,9 +194,11 @@ def fits_registers(config, elem_bytes: int, input_precision: str, conv_gather: s
     b_tile = config.kwargs["BLOCK_K"] * config.kwargs["BLOCK_N"] // threads
     full_fp32 = elem_bytes == 4 and input_precision == "ieee"
     if not aligned:
-        return acc <= 32 and a_tile <= 8
+        # full-precision fp32 NCHW: 64x64x16 with a folded GELU spilled 12 B at 255 registers on sm_80 (Triton 3.6)
+        return acc <= (16 if full_fp32 and conv_gather == "NCHW" else 32) and a_tile <= 8
     if conv_gather == "NCHW":
-        return acc <= 32 and a_tile <= 16
+        # full-precision fp32: 64x64x16 with a folded GELU spilled 12 B at 255 registers on sm_80 (Triton 3.6)
+        return acc <= (16 if full_fp32 else 32) and a_tile <= 16
     if conv_gather == "NHWC":
         if major >= 9:
             if full_fp32:
@@ -212,12 +218,15 @@ def m_bucket(m: int) -> int:
     return max(64, triton.next_power_of_2(max(int(m), 1)))
 
 
-def elementwise_tiles(c: int, p: int, channels_contiguous: bool) -> tuple[int, int]:
+def elementwise_tiles(c: int, p: int, channels_contiguous: bool, total: int | None = None,
+                      max_c: int = 128) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_P) for the gate epilogue / backward kernels over a [B, C, P] view: the contiguous dim gets
-    the long side of a ~4K-element tile (2K under the interpreter: fewer, larger numpy ops win there too)."""
-    total = 2048 if INTERPRET else 4096
+    the long side of a ``total``-element tile (default ~4K; 2K under the interpreter: fewer, larger numpy ops win
+    there too), at most ``max_c`` channels when channels are contiguous (the backward asks for 1K x 64, see
+    backward.py)."""
+    total = total or (2048 if INTERPRET else 4096)
     if channels_contiguous:
-        bc = min(triton.next_power_of_2(max(c, 1)), 128)
+        bc = min(triton.next_power_of_2(max(c, 1)), max_c)
         bp = min(triton.next_power_of_2(max(p, 1)), max(total // bc, 1))
     else:
         bp = min(triton.next_power_of_2(max(p, 1)), 512)

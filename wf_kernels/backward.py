@@ -12,17 +12,44 @@ One program per (sample, channel block, position chunk) reads its tile of grad_o
 reduces both sums over its positions into a [chunks, B, C] buffer; the chunks are then summed in a fixed order. No
 atomics anywhere, so the result is bitwise reproducible. The per-class reduction of grad_g / grad_gb into the gate
 logits happens in ``gates.class_grad`` (sorted segments shared by every layer of the batch), through autograd.
+
+In this file: ``reference`` (the math in torch) -> ``_gate_bwd_kernel`` -> ``gate_backward`` (the launcher) -> the
+custom op ``wf_kernels::gate_bwd`` + its fake -> ``fused_gate_grads`` / ``save_z_for_backward``, the part of the
+autograd formulas of ``linear.py`` and ``conv2d.py`` that runs this op.
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .activation import Activation, activation_grad, check_activation
 from .autotune import INTERPRET, elementwise_tiles
-from .epilogue import as_bcp
+from .epilogue import as_bcp, is_channels_last
 from .launch import device_guard
+
+
+def reference(grad_out: Tensor, z: Tensor, g: Tensor, channel_dim: int, gb: Tensor | None = None,
+              act: Activation = "none") -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_z, grad_g, grad_gb) of the formulas above in fp32 torch (autograd through ``act``): what the kernel
+    computes, for tests."""
+    from .activation import reference as act_reference
+
+    go, zf = grad_out.float(), z.float()
+    shape = [1] * zf.dim()
+    shape[0], shape[channel_dim] = zf.shape[0], zf.shape[channel_dim]
+    gv = g.float().reshape(shape)
+    pre = zf * gv + (gb.float().reshape(shape) if gb is not None else 0.0)
+    with torch.enable_grad():
+        p = pre.detach().requires_grad_(True)
+        (d,) = torch.autograd.grad(act_reference(p, check_activation(act)), p, go)
+    dims = [i for i in range(zf.dim()) if i not in (0, channel_dim % zf.dim())]
+    grad_g = (d * zf).sum(dims) if dims else d * zf
+    grad_gb = d.sum(dims) if dims else d
+    return (d * gv).to(grad_out.dtype), grad_g, grad_gb
 
 
 @triton.jit
@@ -113,7 +140,10 @@ def gate_backward(grad_out, z, g, channel_dim: int, need_gz: bool, need_g: bool,
     gz3 = as_bcp(grad_z, channel_dim) if need_gz else z3
     assert gz3.stride() == z3.stride() or not need_gz
     b, _, p = g3.shape
-    bc, bp = elementwise_tiles(c, p, channels_contiguous=g3.stride(1) == 1 and c > 1)
+    # 1K-element tiles, at most 64 channels: with the gate pass's 4K tiles ptxas -O3 spilled 4-40 B (in the loop for
+    # some) to reach its occupancy target, at 56-168 registers, in 5-15 variants per arch and Triton version; 1K x 64
+    # compiled every variant spill-free (bench/aot_verify.py, Triton 3.6 and 3.8, sm_80 and sm_90, 2026-12-05)
+    bc, bp = elementwise_tiles(c, p, channels_contiguous=g3.stride(1) == 1 and c > 1, total=1024, max_c=64)
     n_cb = triton.cdiv(c, bc)
     chunk = _p_chunk(b, n_cb, p, bp)
     n_chunks = triton.cdiv(p, chunk)
@@ -130,3 +160,47 @@ def gate_backward(grad_out, z, g, channel_dim: int, need_gz: bool, need_g: bool,
     grad_g = sum_gz.sum(0) if need_g else torch.empty(0, **f32)
     grad_gb = sum_g.sum(0) if need_gb else torch.empty(0, **f32)
     return grad_z, grad_g, grad_gb
+
+
+# ------------------------------------------------------------------------------------------ custom op + fake kernel
+@torch.library.custom_op("wf_kernels::gate_bwd", mutates_args=())
+def gate_bwd(grad_out: Tensor, z: Tensor, g: Tensor, channel_dim: int, need_gz: bool, need_g: bool,
+             need_gb: bool, gb: Optional[Tensor] = None, act: str = "none") -> Tuple[Tensor, Tensor, Tensor]:
+    return gate_backward(grad_out, z, g, channel_dim, need_gz, need_g, need_gb, gb, act)
+
+
+@gate_bwd.register_fake
+def _(grad_out, z, g, channel_dim, need_gz, need_g, need_gb, gb=None, act="none"):
+    ref = z if z.numel() else grad_out
+    if ref.dim() == 4 and is_channels_last(ref):
+        gz = torch.empty(ref.shape, dtype=ref.dtype, device=ref.device, memory_format=torch.channels_last)
+    else:
+        gz = ref.new_empty(ref.shape)
+    f32 = dict(dtype=torch.float32, device=g.device)
+    return (gz if need_gz else grad_out.new_empty(0), torch.empty(g.shape, **f32) if need_g else torch.empty(0, **f32),
+            torch.empty(g.shape, **f32) if need_gb else torch.empty(0, **f32))
+
+
+# ------------------------------------------------------------------------- the shared part of the forward ops' autograd
+def save_z_for_backward(g, act="none", *others) -> bool:
+    """Whether a forward op stores z: for the weight gates' gradient; with a folded activation for any gradient (the
+    backward recomputes the pre-activation from it)."""
+    if not torch.is_grad_enabled():
+        return False
+    if act != "none":
+        return any(t is not None and t.requires_grad for t in (g,) + others)
+    return g.requires_grad
+
+
+def fused_gate_grads(ctx, grad_out, channel_dim, recompute_z):
+    """The fused gate backward of a forward op whose ctx saved (x, weight, g, gb, z) and ``act``: returns
+    (x, weight, grad_z, grad_g or None, grad_gb or None); z is recomputed by ``recompute_z(x, weight)`` when the
+    forward did not store it."""
+    x, weight, g, gb, z = ctx.saved_tensors
+    need_x, need_w, need_g, need_gb = ctx.needs_input_grad[:4]
+    act = ctx.act
+    if (need_g or act != "none") and z.numel() == 0:  # not saved in forward although needed: recompute z
+        z = recompute_z(x, weight)
+    gz, grad_g, grad_gb = torch.ops.wf_kernels.gate_bwd(grad_out, z, g, channel_dim, need_x or need_w, need_g,
+                                                        need_gb, gb if act != "none" else None, act)
+    return x, weight, gz, (grad_g if need_g else None), (grad_gb if need_gb else None)

@@ -15,18 +15,36 @@ neither, epilogue), which also says why.
 
 Output memory format follows the input: channels_last in, channels_last out (as cuDNN does). Offsets are int32:
 tensors of 2**31 elements or more are refused by the backend's ``unsupported``.
+
+In this file: ``reference`` -> ``_wf_conv2d_fwd_kernel`` -> ``conv2d_forward`` (the launcher) -> the custom op
+``wf_kernels::conv2d_fwd`` + fake -> its autograd (the fused gate backward of ``backward.py``, then cuDNN's
+convolution backward for grad_x / grad_W) -> ``wf_conv2d``, the functional entry the "triton" backend calls.
 """
 from __future__ import annotations
+
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from .autotune import gemm_configs, grouped_tile, m_bucket, prune_configs
+from . import dispatch
 from .activation import Activation, check_activation
-from .epilogue import gate_forward, gate_store
-from .launch import device_guard
+from .autotune import gemm_configs, grouped_tile, m_bucket, prune_configs
+from .backward import fused_gate_grads, save_z_for_backward
+from .epilogue import gate_forward, gate_store, is_channels_last
+from .epilogue import reference as epilogue_reference
+from .gates import sample_gates, segments_fn
+from .launch import device_guard, dot_precision
+
+
+def reference(x: Tensor, weight: Tensor, g: Tensor, gb: Tensor | None, stride, padding, dilation, groups=1,
+              act: Activation = "none") -> Tensor:
+    """``act(g * conv(x, W) + gb)`` per sample in fp32 torch, rounded to x's dtype, for tests."""
+    z = F.conv2d(x.float(), weight.float(), None, stride, padding, dilation, groups)
+    return epilogue_reference(z, g, gb, 1, act).to(x.dtype)
 
 
 # C_in is in the key beside K_total: whether C_in is a multiple of 16 changes which configs compile spill-free
@@ -88,11 +106,6 @@ def _wf_conv2d_fwd_kernel(
                EPILOGUE_SUBTILES, ACT)
 
 
-def is_channels_last(x: torch.Tensor) -> bool:
-    """True when x is stored channels_last (and not also plain-contiguous, e.g. C == 1 or H == W == 1)."""
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 def out_shape(x_shape, w_shape, stride, padding, dilation):
     h, w = x_shape[2], x_shape[3]
     kh, kw = w_shape[2], w_shape[3]
@@ -138,3 +151,61 @@ def conv2d_forward(x, weight, g, gb, stride, padding, dilation, groups, path: st
             HAS_GB=gb is not None, STORE_Z=save_z, INPUT_PRECISION=precision, ACT=check_activation(act),
         )
     return out, z
+
+
+# ------------------------------------------------------------------------------------------ custom op + fake kernel
+@torch.library.custom_op("wf_kernels::conv2d_fwd", mutates_args=())
+def conv2d_fwd(x: Tensor, weight: Tensor, g: Tensor, gb: Optional[Tensor], stride: List[int], padding: List[int],
+               dilation: List[int], groups: int, path: str, save_z: bool, precision: str,
+               act: str = "none") -> Tuple[Tensor, Tensor]:
+    return conv2d_forward(x, weight, g, gb, tuple(stride), tuple(padding), tuple(dilation), groups, path, save_z,
+                          precision, act)
+
+
+@conv2d_fwd.register_fake
+def _(x, weight, g, gb, stride, padding, dilation, groups, path, save_z, precision, act="none"):
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    shp = out_shape(x.shape, weight.shape, stride, padding, dilation)
+    out = torch.empty(shp, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return out, (torch.empty_like(out) if save_z else x.new_empty(0))
+
+
+# ------------------------------------------------------------------------------------------------------- autograd
+def _setup(ctx, inputs, output):
+    x, weight, g, gb, stride, padding, dilation, groups, path, save_z, precision, *act = inputs
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.act = act[0] if act else "none"
+    ctx.save_for_backward(x, weight, g, gb if ctx.act != "none" else None, output[1])
+
+
+def _backward(ctx, grad_out, _grad_z_unused):
+    stride, padding, dilation, groups = ctx.conv
+    x, weight, gz, grad_g, grad_gb = fused_gate_grads(
+        ctx, grad_out, 1, lambda x, w: F.conv2d(x, w, None, stride, padding, dilation, groups))
+    need = ctx.needs_input_grad
+    grad_x = grad_w = None
+    if need[0] or need[1]:
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            gz, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need[0], need[1], False])
+    return grad_x, grad_w, grad_g, grad_gb, None, None, None, None, None, None, None, None
+
+
+conv2d_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# -------------------------------------------------------------------------------------------------- functional API
+def wf_conv2d(x, weight, bias, alpha_weight, alpha_bias, rows, stride, padding, dilation, groups, segments=None,
+              path: str | None = None, gates=None, act: str = "none"):
+    """Fused filtered conv2d (normalised args as the backends get them; ``segments``, ``gates`` and ``act`` as in
+    ``linear.wf_linear``); ``path`` None = ``dispatch.conv_path``."""
+    cl = is_channels_last(x)
+    if not (cl or x.is_contiguous()):
+        x = x.contiguous()
+    if path is None:
+        path = dispatch.conv_path(x, weight, stride, padding, dilation, groups, cl)[0]
+    g, gb = gates if gates is not None else sample_gates(alpha_weight, alpha_bias, bias, rows,
+                                                         segments_fn(rows, alpha_weight.shape[0], segments))
+    out, _ = torch.ops.wf_kernels.conv2d_fwd(x, weight, g, gb, list(stride), list(padding), list(dilation),
+                                             int(groups), path, save_z_for_backward(g, act, gb, x, weight),
+                                             dot_precision("conv2d", x.dtype), act)
+    return out

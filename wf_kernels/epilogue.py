@@ -21,6 +21,24 @@ from .autotune import elementwise_tiles
 from .launch import device_guard
 
 
+def reference(z: torch.Tensor, g: torch.Tensor, gb, channel_dim: int, act: Activation = "none") -> torch.Tensor:
+    """``act(g * z + gb)`` in fp32 torch, rounded once to z's dtype: what ``gate_forward`` (and ``gate_store`` inside
+    the GEMMs) computes, for tests."""
+    from .activation import reference as act_reference
+
+    shape = [1] * z.dim()
+    shape[0], shape[channel_dim] = z.shape[0], z.shape[channel_dim]
+    out = z.float() * g.float().reshape(shape)
+    if gb is not None:
+        out = out + gb.float().reshape(shape)
+    return act_reference(out, check_activation(act)).to(z.dtype)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when x is stored channels_last (and not also plain-contiguous, e.g. C == 1 or H == W == 1)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 @triton.jit
 def gate_tile(acc, sample, offs_c, mask_m, mask_c, g_ptr, gb_ptr, C, stride_gbn, HAS_GB: tl.constexpr):
     """Gate an fp32 tile ``acc`` [BLOCK_M, BLOCK_N]; ``sample`` [BLOCK_M] is each output row's sample index.

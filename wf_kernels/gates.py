@@ -10,6 +10,10 @@ offsets (``perm``, ``starts``: built once per batch and shared by every layer, s
 a fixed grid of one program per (class row, channel block) sums its segment in sorted order and exits at once when
 the class has no sample (vLLM's multi-LoRA scheme). No atomics, so the result is bitwise reproducible, and no host
 sync to size the grid.
+
+In this file: ``reference`` -> ``_class_grad_kernel`` -> the custom op ``wf_kernels::class_grad`` (launcher and op in
+one: it is only ever called as the op) + fake -> ``gate_rows`` (op + fake + autograd into class_grad) ->
+``sample_gates``, the gates every fused forward reads.
 """
 from __future__ import annotations
 
@@ -19,6 +23,12 @@ import triton.language as tl
 from torch import Tensor
 
 from .launch import device_guard
+
+
+def reference(grad_g: Tensor, alpha: Tensor, rows: Tensor) -> Tensor:
+    """grad_A of the formula above in fp32 torch (index_add over the rows), for tests."""
+    s = torch.sigmoid(alpha.float())
+    return torch.zeros_like(s).index_add_(0, rows, grad_g.float()) * s * (1 - s)
 
 
 @triton.jit
@@ -44,6 +54,16 @@ def segments(rows: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """(perm, starts) for ``rows`` (what ``wfnet.rows.Rows.segments`` caches per batch): stable sort + class offsets."""
     sorted_rows, perm = torch.sort(rows, stable=True)
     return perm, torch.searchsorted(sorted_rows, torch.arange(num_classes + 1, device=rows.device))
+
+
+def segments_fn(rows, num_classes, segs):
+    """A zero-argument callable giving (perm, starts): ``segs`` itself when callable (shared per batch, e.g.
+    ``wfnet.rows.LayerRows.segments``), the given pair, or built from ``rows`` for this call alone."""
+    if callable(segs):
+        return segs
+    if segs is not None:
+        return lambda: segs
+    return lambda: segments(rows, num_classes)
 
 
 @torch.library.custom_op("wf_kernels::class_grad", mutates_args=())

@@ -11,18 +11,34 @@ autograd would save; the backward needs sum grad_out * z).
 The other path, "epilogue" (cuBLAS matmul, then ``epilogue.gate_forward``), is used where the fused GEMM cannot run
 correctly (bf16 under the Triton interpreter, whose tl.dot is wrong for bf16), when forced, or where a measurement or
 the roofline prediction for the GPU ranks it faster (see ``dispatch``).
+
+In this file: ``reference`` -> ``_wf_linear_fwd_kernel`` -> ``linear_forward`` (the launcher) -> the custom op
+``wf_kernels::linear_fwd`` + fake -> its autograd (the fused gate backward of ``backward.py``, then cuBLAS for
+grad_x / grad_W) -> ``wf_linear``, the functional entry the "triton" backend calls.
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from .autotune import gemm_configs, grouped_tile, m_bucket, prune_configs
+from . import dispatch
 from .activation import Activation, check_activation
+from .autotune import gemm_configs, grouped_tile, m_bucket, prune_configs
+from .backward import fused_gate_grads, save_z_for_backward
 from .epilogue import gate_forward, gate_store
-from .launch import device_guard
+from .epilogue import reference as epilogue_reference
+from .gates import sample_gates, segments_fn
+from .launch import device_guard, dot_precision
+
+
+def reference(x3: Tensor, weight: Tensor, g: Tensor, gb: Tensor | None, act: Activation = "none") -> Tensor:
+    """``act(g * (x @ W^T) + gb)`` per sample in fp32 torch, rounded to x's dtype, for tests (x3 [B, T, K])."""
+    return epilogue_reference(x3.float() @ weight.float().t(), g, gb, -1, act).to(x3.dtype)
 
 
 @triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "INPUT_PRECISION"],
@@ -88,3 +104,55 @@ def linear_forward(x3, weight, g, gb, path: str, save_z: bool, precision: str, a
             HAS_GB=gb is not None, STORE_Z=save_z, INPUT_PRECISION=precision, ACT=check_activation(act),
         )
     return out, z
+
+
+# ------------------------------------------------------------------------------------------ custom op + fake kernel
+@torch.library.custom_op("wf_kernels::linear_fwd", mutates_args=())
+def linear_fwd(x: Tensor, weight: Tensor, g: Tensor, gb: Optional[Tensor], path: str, save_z: bool,
+               precision: str, act: str = "none") -> Tuple[Tensor, Tensor]:
+    return linear_forward(x, weight, g, gb, path, save_z, precision, act)
+
+
+@linear_fwd.register_fake
+def _(x, weight, g, gb, path, save_z, precision, act="none"):
+    out = x.new_empty(x.shape[0], x.shape[1], weight.shape[0])
+    return out, (torch.empty_like(out) if save_z else x.new_empty(0))
+
+
+# ------------------------------------------------------------------------------------------------------- autograd
+def _setup(ctx, inputs, output):
+    x, weight, g, gb, path, save_z, precision, *act = inputs
+    ctx.act = act[0] if act else "none"
+    ctx.save_for_backward(x, weight, g, gb if ctx.act != "none" else None, output[1])
+
+
+def _backward(ctx, grad_out, _grad_z_unused):
+    x, weight, gz, grad_g, grad_gb = fused_gate_grads(ctx, grad_out, -1, lambda x, w: torch.matmul(x, w.t()))
+    need = ctx.needs_input_grad
+    grad_x = torch.matmul(gz, weight) if need[0] else None
+    grad_w = torch.matmul(gz.reshape(-1, gz.shape[-1]).t(), x.reshape(-1, x.shape[-1])) if need[1] else None
+    return grad_x, grad_w, grad_g, grad_gb, None, None, None, None
+
+
+linear_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# -------------------------------------------------------------------------------------------------- functional API
+def wf_linear(x, weight, bias, alpha_weight, alpha_bias, rows, segments=None, path: str | None = None,
+              gates=None, act: str = "none"):
+    """Fused filtered linear on [B, ..., K]. ``rows``: validated int64 [B]; ``segments``: (perm, starts) of the rows
+    or a callable returning them (built here when None; only used when a gate logit needs a gradient); ``path``
+    None = ``dispatch.linear_path``. ``gates``: per-sample gates ``(g, gb)`` given directly (fp32 [B, C], e.g.
+    composed for forget sets by ``wfnet.sets``, or folded with a BatchNorm by ``wfnet.fold``; their gradient flows
+    back through autograd) in place of the rows; ``act``: an activation folded into the epilogue (wfnet.fold)."""
+    b, k = x.shape[0], x.shape[-1]
+    x3 = x.reshape(b, -1, k)
+    if not x3.is_contiguous():
+        x3 = x3.contiguous()
+    if path is None:
+        path = dispatch.linear_path((x3.shape[0] * x3.shape[1], k), weight, x.dtype)[0]
+    g, gb = gates if gates is not None else sample_gates(alpha_weight, alpha_bias, bias, rows,
+                                                         segments_fn(rows, alpha_weight.shape[0], segments))
+    out, _ = torch.ops.wf_kernels.linear_fwd(x3, weight, g, gb, path, save_z_for_backward(g, act, gb, x3, weight),
+                                             dot_precision("linear", x.dtype), act)
+    return out.reshape(x.shape[:-1] + (weight.shape[0],))
