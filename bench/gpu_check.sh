@@ -245,7 +245,8 @@ verify_all() {  # GPU tests and both memchecks at once (one GPU, separate proces
   # process group, so that nothing of a cut run outlives it
   trap 'kill -TERM "${pids[@]}" 2>/dev/null; exit 143' TERM INT
   timeout -k 5 "$TEST_LIMIT" env WFNET_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" \
-    tests/test_triton_linear.py tests/test_triton_conv2d.py tests/test_compile.py tests/test_cuda_ext.py \
+    tests/test_triton_linear.py tests/test_triton_conv2d.py tests/test_triton_epilogue.py \
+    tests/test_triton_backward.py tests/test_triton_gates.py tests/test_compile.py tests/test_cuda_ext.py \
     tests/test_ops.py tests/test_layers.py tests/test_backends.py tests/test_rows.py > "$W/test.log" 2>&1 &
   pids+=($!)
   for b in triton cuda; do

@@ -182,3 +182,20 @@ def test_conv_cuda(dtype, allow_tf32, path, shape):
     with tf32(allow_tf32):
         check_conv(b, c_in, h, w, c_out, k, 1000, dtype, path, s, p, d, 1, cl, "random", seed=1)
         check_conv(b, c_in, h, w, c_out, k, 10, dtype, path, s, p, d, 1, cl, "few", train_weight=True, seed=2)
+
+
+@pytest.mark.parametrize("act", ["none", "relu6", "hardswish"])
+def test_conv2d_forward_matches_its_reference(act):
+    """The launcher ``conv2d.conv2d_forward`` (both paths, NCHW and channels_last) against ``conv2d.reference``."""
+    from wf_kernels import conv2d
+
+    g = torch.Generator().manual_seed(4)
+    for b, ci, h, w_, co, k, s, p in ((1, 3, 5, 7, 4, 3, 1, 1), (2, 5, 9, 6, 7, 3, 2, 0), (3, 16, 4, 4, 9, 1, 1, 0)):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(b, ci, h, w_, generator=g).to(DEV).contiguous(memory_format=fmt)
+            wt = (torch.randn(co, ci, k, k, generator=g) / (ci * k * k) ** 0.5).to(DEV).contiguous(memory_format=fmt)
+            gates, gb = torch.rand(b, co, generator=g).to(DEV), torch.randn(b, co, generator=g).to(DEV)
+            ref = conv2d.reference(x, wt, gates, gb, (s, s), (p, p), (1, 1), 1, act)
+            for path in ("implicit_gemm", "epilogue"):
+                out, _ = conv2d.conv2d_forward(x, wt, gates, gb, (s, s), (p, p), (1, 1), 1, path, False, "ieee", act)
+                torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=f"{path} {act} {fmt}")

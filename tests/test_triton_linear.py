@@ -188,3 +188,20 @@ def test_linear_cuda(dtype, allow_tf32, shape, path):
     with tf32(allow_tf32):
         check_linear(b, t, k, n, nc, dtype, "random", seed=1, path=path)
         check_linear(b, t, k, n, nc, dtype, "few", train_weight=True, seed=2, path=path)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_linear_forward_matches_its_reference(act):
+    """The launcher ``linear.linear_forward`` (both paths) against ``linear.reference`` on odd fp32 shapes."""
+    from wf_kernels import linear
+
+    g = torch.Generator().manual_seed(3)
+    for b, t, k, n in ((1, 1, 5, 3), (3, 7, 37, 50), (2, 65, 16, 70)):
+        x = torch.randn(b, t, k, generator=g).to(DEV)
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(DEV)
+        gates, gb = torch.rand(b, n, generator=g).to(DEV), torch.randn(b, n, generator=g).to(DEV)
+        ref = linear.reference(x, w, gates, gb, act)
+        for path in ("gemm", "epilogue"):
+            out, z = linear.linear_forward(x, w, gates, gb, path, True, "ieee", act)
+            _close(out, ref, torch.float32, f"{path} {act} {(b, t, k, n)}")
+            _close(z, x @ w.t(), torch.float32, f"z {path}")

@@ -9,6 +9,10 @@ sample gates (tiny, L2-resident), applies them to the fp32 accumulator and retur
 any [B, C, P] strided view (NCHW: p contiguous; channels_last and linear [B, T, C]: c contiguous), one program per
 (sample, channel block, position block), so each program loads its sample's gate row once; at inference it writes in place over z. The result is computed in fp32 and rounded once to the
 activation dtype. ``g`` must be contiguous [B, C]; ``gb`` may have sample stride 0 (an ungated bias).
+
+In this file: ``reference`` -> the ``@triton.jit`` epilogue helpers of the GEMMs (``gate_tile``, ``gate_store``) ->
+``_gate_fwd_kernel`` -> ``gate_forward`` (the launcher; no custom op of its own: it runs inside the forward ops of
+``linear.py`` / ``conv2d.py``).
 """
 from __future__ import annotations
 
