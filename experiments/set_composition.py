@@ -96,6 +96,10 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 5])
     p.add_argument("--num-sets", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sets-from", default=None, metavar="JSON",
+                   help="take the sets from an earlier result file (its first --num-sets of each size) instead of "
+                        "drawing them: random_sets' seeding changed (derive_seed, issue 25), so seed 0 no longer "
+                        "draws the sets of the results in docs/results/sets")
     p.add_argument("--compositions", nargs="+", default=list(S.COMPOSITIONS))
     p.add_argument("--retrain", type=int, default=1, help="retrained references per size (first sets)")
     p.add_argument("--out", default="docs/results/sets")
@@ -113,7 +117,15 @@ def main(argv=None):
         t0 = time.time()
         rows, chosen = [], []
         for k in args.sizes:
-            cfg = SetEvalConfig(sets=random_sets(run.num_classes, k, args.num_sets, args.seed),
+            if args.sets_from:
+                drawn = [s for s in json.loads(Path(args.sets_from).read_text())["sets"] if len(s) == k]
+                if len(drawn) < args.num_sets:
+                    raise ValueError(f"{args.sets_from} holds {len(drawn)} sets of size {k}, "
+                                     f"--num-sets asks for {args.num_sets}")
+                drawn = drawn[:args.num_sets]
+            else:
+                drawn = random_sets(run.num_classes, k, args.num_sets, args.seed)
+            cfg = SetEvalConfig(sets=drawn,
                                 compositions=tuple(args.compositions), retrain=args.retrain)
             res = evaluate_sets(run, cfg, wf=wf)
             rows += res["rows"]
@@ -130,7 +142,9 @@ def main(argv=None):
         title = f"Forget sets: {run.config['dataset']} / {run.config['model']} ({run_dir})"
         md = [f"# {title}", "", f"Measured {result['date']} on a {result['machine']} (torch {torch.__version__}), "
               f"{result['seconds']:.0f} s:", "", "```bash", result["command"], "```", "",
-              f"Random sets of sizes {args.sizes}, {args.num_sets} per size (seed {args.seed}); every test sample "
+              (f"Sets of sizes {args.sizes}, {args.num_sets} per size, taken from {args.sets_from}" if args.sets_from
+               else f"Random sets of sizes {args.sizes}, {args.num_sets} per size (seed {args.seed})") +
+              f"; every test sample "
               f"({test_samples}) run with the set. Goals: Acc_f of every class of the set <= {GOAL_F:g} %, Acc_r "
               f"within {GOAL_R:g} points of the original on the same samples or of the single-class rows.", "",
               "## Summary", "", summary_md(result["summary"]), "", "## Every set", "",
