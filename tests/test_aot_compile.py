@@ -179,3 +179,20 @@ def test_aot_compile_with_the_gpu_machines_triton(tmp_path):
     assert {r["kernel"] for r in records} == KERNELS
     bad = aot.violations(records)
     assert not bad, f"{len(bad)} kernel variants fail with triton {aot.GPU_MACHINE_TRITON}:\n" + "\n".join(bad[:30])
+
+
+def test_spills_are_placed_in_or_outside_loops():
+    """Local-memory accesses (register spills) inside a loop body (closed by a backward branch) run every iteration;
+    the others once per program. A SASS without instructions is an error, never 'no spills'."""
+    sass = """
+        /*0280*/                   STL [R1], R9 ;
+        /*0650*/                   FADD R21, R45, R21 ;
+        /*0700*/                   LDL R38, [R1] ;
+        /*17f0*/              @!P2 BRA 0x650 ;
+        /*1800*/                   LDL.LU R5, [R1] ;
+        /*1810*/                   EXIT ;
+        /*1820*/                   BRA 0x1820;
+    """
+    assert aot.local_memory_in_loops(sass) == dict(in_loops=1, outside=2, loops=2)
+    with pytest.raises(aot.AOTUnavailable, match="no instructions"):
+        aot.local_memory_in_loops("nothing here")

@@ -336,12 +336,15 @@ def test_cli_evaluates_sets_with_a_retrained_reference_and_exports_a_set(tmp_pat
     common = ["--no-progress", "--device", "cpu"]
     assert main(["train", "--out", str(run), "--epochs", "1", "--train-limit", "200", "--test-limit", "100",
                  *common]) == 0
-    assert main(["untrain", str(run), "--max-epochs", "1", "--set-size", "3", *common]) == 0
+    # untrained with "min": the gates carry it through their file into evaluate, export and wrapped()
+    assert main(["untrain", str(run), "--max-epochs", "1", "--set-size", "3", "--set-composition", "min",
+                 *common]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(run), "--sets", "3,7", "1,4,9", "--set-size", "2", "--num-sets", "1",
                  *common]) == 0
     out = capsys.readouterr().out
-    assert "| {3, 7} | retrained without the set |" in out and "| {1, 4, 9} | WF-Net set (relative) |" in out
+    assert "| {3, 7} | retrained without the set |" in out and "| {1, 4, 9} | WF-Net set (min) |" in out
+    assert "WF-Net set (relative)" not in out
     assert "{1, 4, 9} | retrained" not in out  # --set-retrain 1: the first set only
     saved = json.loads((run / "eval" / "sets.json").read_text())
     assert saved["sets"][:2] == [[3, 7], [1, 4, 9]] and len(saved["sets"]) == 3
@@ -350,6 +353,7 @@ def test_cli_evaluates_sets_with_a_retrained_reference_and_exports_a_set(tmp_pat
     assert (run / "baselines" / "retrain-sets" / "set_3-7.safetensors").exists()
     # export of a set: soft and hard
     r = wfnet.Run.open(run, device="cpu")
+    assert r.wrapped().set_composition == "min"
     x = torch.stack([r.data.test[i][0] for i in range(8)])
     for hard in ([], ["--hard"]):
         path = tmp_path / f"m{len(hard)}.safetensors"

@@ -255,10 +255,9 @@ def _evaluate_sets(args, run):
         raise CLIError("--set-size K and --num-sets M go together")
     if args.set_retrain < 0:
         raise CLIError(f"--set-retrain must be >= 0, got {args.set_retrain}")
-    comp = ((run.untrain_options() or {}).get("set_composition")) or None
+    # the composition: the gates' own (load_filters restores it with them)
     cfg = set_eval.SetEvalConfig(sets=args.sets or [], set_size=args.set_size, num_sets=args.num_sets or 0,
-                                 seed=args.set_seed, retrain=args.set_retrain,
-                                 **({"compositions": (comp,)} if comp else {}))
+                                 seed=args.set_seed, retrain=args.set_retrain)
     try:
         cfg.all_sets(run.num_classes)
     except ValueError as exc:

@@ -45,7 +45,7 @@ class SetEvalConfig:
     set_size: int | None = None                # plus num_sets random sets of this size ...
     num_sets: int = 0
     seed: int = 0                              # ... drawn with this seed
-    compositions: tuple = (S.DEFAULT_COMPOSITION,)
+    compositions: tuple = ()                   # () = the model's own (wf.set_composition, restored with its gates)
     retrain: int = 1                           # retrain a reference without the set for the first `retrain` sets
     batch_size: int = 512
     zrf_seed: int = 12345
@@ -158,6 +158,7 @@ def evaluate_sets(run, cfg: SetEvalConfig, progress: bool = False, wf=None, log=
     logits_o, labels = _logits(original, loader, device)
     rlogits, _ = _logits(run.build_model(seed=cfg.zrf_seed), loader, device)
     single = {}  # class -> logits of its WF-Net row (computed once per class used)
+    compositions = tuple(cfg.compositions) or (wf.set_composition,)
     rows = []
     for i, members in enumerate(chosen):
         log(f"set {members} ({i + 1}/{len(chosen)})")
@@ -173,7 +174,7 @@ def evaluate_sets(run, cfg: SetEvalConfig, progress: bool = False, wf=None, log=
                      "note": "row c alone, mean over c in the set; Acc_f(c) with row c"})
         rows[-1]["acc_f_max"] = max(rows[-1]["acc_f"].values())
         rows[-1]["acc_f_mean"] = sum(rows[-1]["acc_f"].values()) / len(members)
-        for how in cfg.compositions:
+        for how in compositions:
             with S.use_composition(how):
                 lg, _ = _logits(_set_forward(wf, mask), loader, device)
             rows.append({**base, "model": f"WF-Net set ({how})", **set_row(lg, labels, members, rlogits)})
@@ -183,7 +184,7 @@ def evaluate_sets(run, cfg: SetEvalConfig, progress: bool = False, wf=None, log=
             rows.append({**base, "model": "retrained without the set", "seconds": seconds,
                          **set_row(lg, labels, members, rlogits)})
     return {"sets": chosen, "rows": rows, "test_samples": len(labels),
-            "config": {"compositions": list(cfg.compositions), "seed": cfg.seed, "zrf_seed": cfg.zrf_seed}}
+            "config": {"compositions": list(compositions), "seed": cfg.seed, "zrf_seed": cfg.zrf_seed}}
 
 
 def _fmt(v, digits=2):
@@ -222,9 +223,9 @@ def run(run, cfg: SetEvalConfig, progress: bool = False, log=print) -> dict:
     md = sets_table_md(result, title)
     set_size = (result["untrain"] or {}).get("set_size", 0)
     md += (f"- gates untrained with label expansion over sets of 1..{set_size} classes (`--set-size {set_size}`); "
-           f"composition: {', '.join(cfg.compositions)}.\n" if set_size else
+           f"composition: {', '.join(result['config']['compositions'])}.\n" if set_size else
            f"- gates untrained with one class row per sample (no `--set-size`): sets compose rows that were never "
-           f"trained together (docs/results/sets); composition: {', '.join(cfg.compositions)}.\n")
+           f"trained together (docs/results/sets); composition: {', '.join(result['config']['compositions'])}.\n")
     root = Path(run.run_dir) / "eval"
     root.mkdir(parents=True, exist_ok=True)
     files.write_json(root / "sets.json", result)

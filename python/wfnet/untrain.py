@@ -68,7 +68,7 @@ from .run import (FILTERS, RESULTS_JSON, RESULTS_MD, UNTRAIN_STATE, UNTRAIN_SUMM
                   one_line)
 from .seeds import derive_seed
 from .serialization import load_filters, save_filters
-from .sets import DEFAULT_COMPOSITION, use_composition
+from .sets import DEFAULT_COMPOSITION
 from .train import autocast, make_loader
 
 __all__ = ["untrain_step", "UntrainConfig", "recipe", "expand_batch", "expand_batch_sets", "untrain_loss",
@@ -196,10 +196,6 @@ def expand_batch_sets(x: torch.Tensor, y: torch.Tensor, num_classes: int, chi: i
     return inputs, mask.to(y.device), labels, n_forget
 
 
-def _composition(cfg):
-    """The set composition the gates are trained with (``set_composition``; only read by forwards with sets)."""
-    return use_composition(getattr(cfg, "set_composition", None) or DEFAULT_COMPOSITION)
-
 
 def _expand(x, y, num_classes, cfg, generator):
     if getattr(cfg, "set_size", 0):
@@ -297,11 +293,12 @@ def untrain_step(model, params, opt, x: torch.Tensor, y: torch.Tensor, num_class
                  generator: torch.Generator, device, info: DistInfo | None = None) -> dict:
     """One untraining step on the mini-batch (x, y) (CPU tensors): label expansion with ``generator``, one forward
     of every expanded sample with its own row, the loss, a step of ``opt`` on the gates ``params``, the clamp.
-    Returns the loss parts (fetched from the device in one copy: the step's only host sync)."""
+    Forget sets compose with the model's own ``set_composition`` (:func:`untrain` sets it from the config, so the
+    gates learn the composition they are saved and served with). Returns the loss parts (fetched from the device in one copy: the step's only host sync)."""
     inputs, rows, labels, nf = _expand(x, y, num_classes, cfg, generator)
     inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info or DistInfo())
     wanted = cfg.lambda_feature > 0
-    with autocast(device, cfg.amp), _head_input(model, wanted) as captured, _composition(cfg):
+    with autocast(device, cfg.amp), _head_input(model, wanted) as captured:
         logits = model(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
     loss, parts = untrain_loss(logits.float(), _to_device(labels, device), nf, params, cfg,
                                _features(captured, wanted), generator)
@@ -333,7 +330,7 @@ def validation_loss(wf: nn.Module, params, val_ds: Dataset, num_classes: int, cf
         inputs, rows, labels, nf = _shard_expanded(inputs, rows, labels, nf, info)
         gen = _rows_generator(cfg.seed, -2, i)  # the feature term's pairing: fixed too
         wanted = cfg.lambda_feature > 0
-        with autocast(device, cfg.amp), _head_input(wf, wanted) as captured, _composition(cfg):
+        with autocast(device, cfg.amp), _head_input(wf, wanted) as captured:
             logits = wf(_to_device(inputs, device), forget=rows)  # CPU rows: validated on the CPU, moved by the router
         _, parts = untrain_loss(logits.float(), _to_device(labels, device), nf, params, cfg,
                                 _features(captured, wanted), gen)

@@ -152,8 +152,10 @@ def _gate_epilogue(z, bias, alpha_weight, alpha_bias, layer_rows, channel_dim: i
         t is not None and t.requires_grad for t in (z, alpha_weight, alpha_bias, bias))
     if needs_grad:
         # the batch's class segments (one sort per batch, cached on the rows, shared by every layer): what a
-        # deterministic backward sums by (passed always: determinism may be switched on before the backward runs)
-        perm, starts = layer_rows.segments(alpha_weight.shape[0])
+        # deterministic backward sums the gate-logit gradients by (passed whenever those are needed, deterministic
+        # mode or not: it may be switched on before the backward runs)
+        gate_grads = alpha_weight.requires_grad or (alpha_bias is not None and alpha_bias.requires_grad)
+        perm, starts = layer_rows.segments(alpha_weight.shape[0]) if gate_grads else (None, None)
         return _ops.cuda_gate_epilogue(z, rows, alpha_weight, alpha_bias, bias, channel_dim, scale, shift, act, perm,
                                        starts)
     # z is the fresh output of the conv / matmul above and nothing else refers to it: safe to overwrite.
