@@ -375,8 +375,9 @@ def fold_table(name: str, args, device: str, reps: int, compiled: bool) -> dict:
     round, ``reps`` rounds after one warm-up round), so that the load of a shared machine hits all of them alike:
     plain eager forward, the plain model with every BatchNorm folded into its conv
     (``torch.fx.experimental.optimization.fuse``: the honest limit), WF forward with the fold (AFTER) and without it
-    (``wrap(fold=False)``: the path before issue 24, BEFORE), the plain fine-tuning step, the WF untraining step with
-    and without the fold; with ``compiled`` also the compiled (inductor) forwards of plain / WF fold / WF no fold.
+    (``wrap(fold=False)``: the path before issue 24, BEFORE), the plain fine-tuning step on the B samples and on 2B
+    samples (as many rows as the WF step's label expansion makes: the like-for-like cost per row), the WF untraining
+    step with and without the fold; with ``compiled`` also the compiled (inductor) forwards of plain / WF fold / WF no fold.
     Ratios: of the medians, and the median of the per-round ratios (robust to load drifting between rounds);
     noise: (max - min) / median per case."""
     import wfnet
@@ -388,6 +389,7 @@ def fold_table(name: str, args, device: str, reps: int, compiled: bool) -> dict:
     rows = label_expanded_rows(2 * n, NUM_CLASSES, gen)
     xb = torch.randn(n, 3, args.image_size, args.image_size, generator=gen)
     yb = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    y2 = torch.randint(0, NUM_CLASSES, (2 * n,), generator=gen)
     original = build(name, args.image_size).to(device).eval()
     with torch.no_grad():  # trained-like BatchNorm statistics, so no case is helped by identity affines
         for m in original.modules():
@@ -402,12 +404,14 @@ def fold_table(name: str, args, device: str, reps: int, compiled: bool) -> dict:
     trainable = copy.deepcopy(original).train()
     for p in trainable.parameters():
         p.requires_grad_(True)
+    trainable2 = copy.deepcopy(trainable)
     cases = {
         "plain forward": plain_forward_fn(original, x2, device, None),
         "plain+BN-folded forward": plain_forward_fn(fused, x2, device, None),
         "WF forward (fold)": wf_forward_fn(wf, x2, rows, device, None),
         "WF forward (no fold)": wf_forward_fn(wf_off, x2, rows, device, None),
         "plain fine-tuning step": plain_step_fn(trainable, xb, yb, device, None),
+        "plain fine-tuning step (2B samples)": plain_step_fn(trainable2, x2, y2, device, None),
         "WF untraining step (fold)": wf_step_fn(wf, xb, yb, device, None),
         "WF untraining step (no fold)": wf_step_fn(wf_off, xb, yb, device, None),
     }
@@ -439,8 +443,10 @@ def fold_table(name: str, args, device: str, reps: int, compiled: bool) -> dict:
     pairs = {"WF fwd / plain fwd": ("WF forward (fold)", "WF forward (no fold)", "plain forward"),
              "WF fwd / plain+BN-folded fwd": ("WF forward (fold)", "WF forward (no fold)",
                                               "plain+BN-folded forward"),
-             "WF step / plain step": ("WF untraining step (fold)", "WF untraining step (no fold)",
-                                      "plain fine-tuning step"),
+             "WF step / plain step, same rows": ("WF untraining step (fold)", "WF untraining step (no fold)",
+                                                 "plain fine-tuning step (2B samples)"),
+             "WF step / plain step, same samples": ("WF untraining step (fold)", "WF untraining step (no fold)",
+                                                    "plain fine-tuning step"),
              "compiled WF fwd / compiled plain fwd": ("compiled WF forward (fold)", "compiled WF forward (no fold)",
                                                       "compiled plain forward")}
     ratios = {k: {"after": ratio(a, c), "before": ratio(b, c)} for k, (a, b, c) in pairs.items() if c in times}
@@ -451,21 +457,30 @@ def fold_table(name: str, args, device: str, reps: int, compiled: bool) -> dict:
             "noise": {k: round((max(v) - min(v)) / med[k], 3) for k, v in times.items()}, "ratios": ratios}
 
 
+def _loads(v) -> str:
+    return "n/a" if not v else "(" + ", ".join(f"{x:.2f}" for x in v) + ")"
+
+
 def write_fold_table(meta: dict, blocks: list, base: Path) -> None:
     base.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": blocks}, indent=1) + "\n")
     lines = [f"# The fold (issue 24): measured on this CPU, {meta['date']}", "",
              f"**CPU run**, machine: {meta['machine']}; {meta['torch_threads']} torch thread(s); load average "
-             f"{meta.get('load_average_at_start')} at start, {meta.get('load_average_now')} at the last write (the "
-             f"cores are shared with other jobs: every case is interleaved in one process, round robin). torch "
+             f"{_loads(meta.get('load_average_at_start'))} at start, {_loads(meta.get('load_average_now'))} at the "
+             f"last write (about 1 = this benchmark alone; every case is interleaved in one process, round robin, so "
+             f"that other jobs' load hits all of them alike). torch "
              f"{meta['torch']}, backend torch (the CPU default). CPU numbers say nothing about GPU speed.", "",
              f"Batch {meta['batch']} samples (label-expanded to {2 * meta['batch']} rows for the forwards and the WF "
-             f"step, the plain fine-tuning step runs {meta['batch']}), image {meta['image_size']} px (CIFAR stems for "
+             f"step; the plain fine-tuning step runs {meta['batch']} samples, and {2 * meta['batch']} for the "
+             f"same-rows ratio), image {meta['image_size']} px (CIFAR stems for "
              f"resnet18 / vgg16_bn; 224 px is too slow on 2 shared cores), N_c = {NUM_CLASSES}. BEFORE = the same "
              f"wrapped model with wrap(fold=False) (the path before issue 24), AFTER = with the fold; both measured "
-             f"in the same rounds. Ratio cells: ratio of medians (median of the per-round ratios).", ""]
+             f"in the same rounds. Ratio cells: ratio of medians (median of the per-round ratios)."
+             + (f" {meta['note']}" if meta.get("note") else ""), ""]
     lines += ["| model | ratio | before | after | goal |", "|---|---|---|---|---|"]
     goals = {"WF fwd / plain fwd": "<= 0.90 (ResNet-18)", "WF fwd / plain+BN-folded fwd": "<= 1.05",
-             "WF step / plain step": "<= 0.70", "compiled WF fwd / compiled plain fwd": "<= 1.02"}
+             "WF step / plain step, same rows": "<= 0.70",
+             "WF step / plain step, same samples": "none (label expansion: 2B rows per B samples)",
+             "compiled WF fwd / compiled plain fwd": "<= 1.02"}
     for b in blocks:
         for k, r in b["ratios"].items():
             cell = {w: (f"{r[w]['of_medians']:.3f} ({r[w]['median_per_round']:.3f})" if r[w] else "")
@@ -493,7 +508,7 @@ def fold_main(args, device: str) -> int:
         raise SystemExit(f"--fold-table models: {', '.join(FOLD_MODELS)}; got {bad}")
     meta = {"date": args.date or datetime.date.today().isoformat(), "machine": args.machine or platform.processor(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "batch": args.batch,
-            "image_size": args.image_size, "argv": sys.argv[1:],
+            "image_size": args.image_size, "argv": sys.argv[1:], "note": args.note,
             "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -629,6 +644,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fold-compiled", default="", help="--fold-table: models that also get the compiled forwards")
     ap.add_argument("--date", default="", help="--fold-table: the date recorded (default today)")
     ap.add_argument("--machine", default="", help="--fold-table: the machine recorded (default platform.processor)")
+    ap.add_argument("--note", default="", help="--fold-table: a sentence recorded under the table's header (e.g. "
+                    "which code version measured it)")
     args = ap.parse_args(argv)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -59,6 +59,26 @@ def test_bench_model_cpu_smoke(tmp_path):
     assert "wf_step/plain_step" in block["ratios"]["torch"]
 
 
+def test_bench_model_fold_table_smoke(tmp_path):
+    """Issue 24's interleaved table: every case measured, the fold's chains and both step ratios recorded."""
+    _run([BENCH / "bench_model.py", "--fold-table", "--models", "resnet18", "--batch", "2", "--image-size", "8",
+          "--reps", "5", "--device", "cpu", "--out", tmp_path, "--tag", "_t", "--note", "smoke"], tmp_path,
+         timeout=300)
+    data = json.loads(_one(tmp_path, "fold_cpu_*_t.json").read_text())
+    (block,) = data["results"]
+    assert data["meta"]["note"] == "smoke" and block["expanded_batch"] == 4
+    assert {"plain forward", "plain+BN-folded forward", "WF forward (fold)", "WF forward (no fold)",
+            "plain fine-tuning step", "plain fine-tuning step (2B samples)", "WF untraining step (fold)",
+            "WF untraining step (no fold)"} == set(block["times_ms"])
+    assert all(len(v) == 5 and all(isinstance(t, float) for t in v) for v in block["times_ms"].values())
+    assert len(block["folded"]) == block["filtered_layers"] == 20
+    for ratio in ("WF fwd / plain fwd", "WF fwd / plain+BN-folded fwd", "WF step / plain step, same rows",
+                  "WF step / plain step, same samples"):
+        assert set(block["ratios"][ratio]) == {"before", "after"}
+    md = _one(tmp_path, "fold_cpu_*_t.md").read_text()
+    assert "same rows" in md and "smoke" in md and "layer1.0.conv1 -> layer1.0.bn1 -> layer1.0.relu" in md
+
+
 def test_bench_ops_cpu_smoke(tmp_path):
     _run([BENCH / "bench_ops.py", "--quick", "--batch", "4", "--models", "vit", "--shapes", "vit_t.qkv.32px",
           "--dtypes", "fp32", "--providers", "plain,torch,cuda", "--device", "cpu", "--out", tmp_path, "--tag", "_t"], tmp_path)
