@@ -3,7 +3,7 @@ along the batch, in place without a graph, with a hand-written backward.
 
 Checked against autograd of the plain formula: outputs AND the gradients of z, the gates and the gated bias, for
 every foldable activation, fp64 / fp32 / bf16, NCHW / channels_last / linear shapes, each combination of inputs that
-need gradients, a bias shared by the batch, one block and many (``_BLOCK`` shrunk so that small shapes split), an
+need gradients, a bias shared by the batch, one block and many (the block size shrunk so that small shapes split), an
 empty batch; gradcheck in fp64 across blocks.
 """
 import pytest
@@ -22,7 +22,7 @@ NEEDS = [(True, True, True), (False, True, True), (True, False, False), (False, 
 @pytest.fixture(params=["one block", "many blocks"])
 def blocks(request, monkeypatch):
     if request.param == "many blocks":
-        monkeypatch.setattr(torch_ref, "_BLOCK", 4)  # every shape above splits into one block per row or fewer
+        monkeypatch.setattr(torch_ref, "_block_elements", lambda: 4)  # every shape above: one block per row
     return request.param
 
 
@@ -84,7 +84,7 @@ def test_without_a_graph_it_writes_into_z(act, blocks):
 
 @pytest.mark.parametrize("act", ["none", "relu", "silu", "hardswish"])
 def test_gradcheck_across_blocks(act, monkeypatch):
-    monkeypatch.setattr(torch_ref, "_BLOCK", 8)
+    monkeypatch.setattr(torch_ref, "_block_elements", lambda: 8)
     gen = torch.Generator().manual_seed(2)
     z = torch.randn(5, 3, 4, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     g = torch.rand(5, 3, 1, 1, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -99,7 +99,7 @@ def test_blocks_cover_the_batch_once():
         got = torch_ref._blocks(z)
         assert got[0][0] == 0 and got[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
-        if n > 1 and n * per_row > 4 * torch_ref._BLOCK:
+        if n > 1 and n * per_row > 4 * torch_ref._block_elements():
             assert len(got) > 1 and all(j - i >= 1 for i, j in got)
 
 

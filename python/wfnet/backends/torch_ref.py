@@ -77,7 +77,7 @@ def apply_sample_gates(z: torch.Tensor, g: torch.Tensor, gb, channel_dim: int, a
 # between the ops: one trip through memory instead of three), writes in place when no graph is recorded, and its
 # backward (:class:`_GateEpilogue`) allocates only the input gradient (the gate gradients are reduced per block
 # from a block-sized scratch buffer). Measured effect: ``bench/results/fold_cpu_*.md``.
-_BLOCK = 1 << 18  # elements (1 MiB fp32)
+_BLOCK = 1 << 18  # elements per intra-op thread (1 MiB fp32)
 
 
 def _gate_shape(z: torch.Tensor, channel_dim: int) -> list[int]:
@@ -87,13 +87,20 @@ def _gate_shape(z: torch.Tensor, channel_dim: int) -> list[int]:
     return shape
 
 
+def _block_elements() -> int:
+    """Elements per block: ``_BLOCK`` per intra-op thread (each op on a block is split across the threads, so each
+    thread's share stays cache-sized and the per-op parallel overhead is paid on larger blocks)."""
+    return _BLOCK * max(1, torch.get_num_threads())
+
+
 def _blocks(z: torch.Tensor) -> list[tuple[int, int]]:
-    """Row ranges ``[i, j)`` of ``z``'s dim 0 of about ``_BLOCK`` elements each (one range for a small ``z``)."""
+    """Row ranges ``[i, j)`` of ``z``'s dim 0 of about :func:`_block_elements` each (one range for a small ``z``)."""
     n = z.shape[0]
     per_row = max(1, math.prod(z.shape[1:]))
-    if n * per_row <= 4 * _BLOCK:
+    block = _block_elements()
+    if n * per_row <= 4 * block:
         return [(0, n)]
-    k = max(1, _BLOCK // per_row)
+    k = max(1, block // per_row)
     return [(i, min(n, i + k)) for i in range(0, n, k)]
 
 
