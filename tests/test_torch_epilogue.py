@@ -115,3 +115,13 @@ def test_unknown_activation_is_refused():
     z = torch.randn(2, 3, requires_grad=True)
     with pytest.raises(ValueError, match="unknown activation"):
         torch_ref.gate_epilogue(z * 1, torch.rand(2, 3), None, "tanh")
+
+
+def test_double_backward_is_refused_loudly():
+    """The backward is written with out= ops: differentiating it again raises instead of returning wrong values."""
+    z = torch.randn(2, 3, 4, 4, requires_grad=True)
+    g = torch.rand(2, 3, 1, 1, requires_grad=True)
+    out = torch_ref.gate_epilogue(z * 1, g, None, "relu")
+    (gz,) = torch.autograd.grad(out, z, torch.randn(out.shape, requires_grad=True), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gz.sum().backward()

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..fold import activate
 
@@ -196,6 +197,7 @@ class _GateEpilogue(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # written with out= ops: a double backward raises a clear error instead
     def backward(ctx, dy):
         z, gate, gated_bias, kept = ctx.saved_tensors
         need_z, need_g, need_b = ctx.needs_input_grad[:3]
