@@ -77,9 +77,10 @@ def apply_sample_gates(z: torch.Tensor, g: torch.Tensor, gb, channel_dim: int, a
 # So without a graph the epilogue writes into ``z`` in place (mul_ / add_ on NCHW, addcmul where the gates vary along
 # the innermost dim, then the activation); with one, :class:`_GateEpilogue` runs it block by block along the batch
 # (blocks of ``_BLOCK`` elements per thread, which stay in cache between the ops) and its backward allocates only the
-# input gradient (the gate gradients are reduced per block from a block-sized scratch buffer): ResNet-18 untraining
-# step 2209.5 ms in blocks vs 2436.7 ms in whole-tensor passes (1 thread, batch 64 -> 128 rows, 32 px). Effect on
-# the model ratios: ``bench/results/fold_cpu_2026-12-05_r2*.md``.
+# input gradient (the gate gradients are reduced per block from a block-sized scratch buffer). Measured side by side
+# (``bench/epilogue_blocks.py``, ``bench/results/epilogue_blocks_2026-12-05.md``, ResNet-18, 1 thread): the
+# untraining step 2272 ms in blocks vs 2332 ms in whole-tensor passes; the forward without a graph 924 ms whole vs
+# 939 ms in blocks. Effect on the model ratios: ``bench/results/fold_cpu_2026-12-05_r3*.md``.
 _BLOCK = 1 << 18  # elements per intra-op thread (1 MiB fp32)
 
 
@@ -240,8 +241,7 @@ def gate_epilogue(z: torch.Tensor, gate: torch.Tensor, gated_bias, act: str = "n
         pre = z * g if gated_bias is None else torch.addcmul(gated_bias.to(z.dtype), z, g)
         return activate(pre, act, in_place=not needs_graph)
     if not needs_graph:
-        # whole-tensor passes in place: measured faster here than blocks when nothing is allocated (ResNet-18
-        # forward, batch 128, 32 px: 1197.7 ms whole vs 1215.3 ms in 1 MiB blocks, 1 thread; 623.8 vs 637.5, 2)
+        # whole-tensor passes in place: measured faster than blocks when nothing is allocated (see above)
         g = gate.to(z.dtype)
         b = None if gated_bias is None else gated_bias.to(z.dtype)
         return _epilogue_blocks(z, g, b, act, z, blocks=[(0, z.shape[0])])
