@@ -192,3 +192,13 @@ def test_load_verification_missing_or_broken(tmp_path):
 @pytest.mark.skipif(not Path("/bin/bash").exists(), reason="needs bash")
 def test_gpu_check_script_syntax():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
+
+
+def test_epilogue_blocks_smoke(tmp_path):
+    """bench/epilogue_blocks.py: every case measured and recorded (the library's block size restored after each)."""
+    _run([BENCH / "epilogue_blocks.py", "--batch", "2", "--image-size", "8", "--reps", "3", "--out", tmp_path,
+          "--tag", "_t"], tmp_path, timeout=300)
+    data = json.loads(_one(tmp_path, "epilogue_blocks_*_t.json").read_text())
+    assert len(data["times_ms"]) == 5 and all(len(v) == 3 for v in data["times_ms"].values())
+    assert data["meta"]["block_elements"] == 1 << 18
+    assert "whole-tensor passes (library)" in _one(tmp_path, "epilogue_blocks_*_t.md").read_text()
