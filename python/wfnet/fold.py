@@ -8,9 +8,9 @@ So conv -> gate -> BatchNorm -> activation is
 
 one per-sample affine (the gates ``g' = s * g``, ``gb' = s * gb + t``, fp32 [B, C], computed once per layer call
 AFTER the per-sample gates; differentiable, so gate gradients are those of the unfolded chain) plus a pointwise
-function, applied by the backend's epilogue (``torch``: blocked along the batch so that the gate, shift and activation
-make one trip through memory, in place without a graph; ``triton``: inside
-the GEMM / conv epilogue or its one fused pass; ``cuda``: the compiled epilogue takes ``s``, ``t`` and the
+function, applied by the backend's epilogue (``torch``: in place on the conv output without a graph, in cache-sized
+blocks with a hand-written backward with one: ``wfnet.backends.torch_ref.gate_epilogue``; ``triton``: inside the
+GEMM / conv epilogue or its one fused pass; ``cuda``: the compiled epilogue takes ``s``, ``t`` and the
 activation). The BatchNorm and the activation module then step aside for that call (they return their input).
 
 **decision**: detection at wrap time from the model's real data flow, enforcement at run time.
