@@ -125,3 +125,10 @@ def test_double_backward_is_refused_loudly():
     (gz,) = torch.autograd.grad(out, z, torch.randn(out.shape, requires_grad=True), create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gz.sum().backward()
+
+
+def test_one_block_off_the_cpu(monkeypatch):
+    """Blocks are a CPU cache / page-fault measure; on another device each would cost a kernel launch per op."""
+    monkeypatch.setattr(torch_ref, "_block_elements", lambda: 64)
+    assert torch_ref._blocks(torch.empty(16, 4, 4, 4, device="meta")) == [(0, 16)]
+    assert len(torch_ref._blocks(torch.empty(16, 4, 4, 4))) == 16

@@ -98,8 +98,11 @@ def _block_elements() -> int:
 
 
 def _blocks(z: torch.Tensor) -> list[tuple[int, int]]:
-    """Row ranges ``[i, j)`` of ``z``'s dim 0 of about :func:`_block_elements` each (one range for a small ``z``)."""
+    """Row ranges ``[i, j)`` of ``z``'s dim 0 of about :func:`_block_elements` each (one range for a small ``z``, or
+    one off the CPU)."""
     n = z.shape[0]
+    if z.device.type != "cpu":
+        return [(0, n)]  # on a GPU a block is a kernel launch per op, and there are no page faults to dodge
     per_row = max(1, math.prod(z.shape[1:]))
     block = _block_elements()
     if n * per_row <= 4 * block:
