@@ -377,7 +377,8 @@ def fold_table(name: str, args, device: str, reps: int, compiled: bool) -> dict:
     (``torch.fx.experimental.optimization.fuse``: the honest limit), WF forward with the fold (AFTER) and without it
     (``wrap(fold=False)``: the path before issue 24, BEFORE), the plain fine-tuning step on the B samples and on 2B
     samples (as many rows as the WF step's label expansion makes: the like-for-like cost per row), the WF untraining
-    step with and without the fold; with ``compiled`` also the compiled (inductor) forwards of plain / WF fold / WF no fold.
+    step with and without the fold; with ``compiled`` also the compiled (inductor) forwards of plain / WF fold / WF
+    no fold.
     Ratios: of the medians, and the median of the per-round ratios (robust to load drifting between rounds);
     noise: (max - min) / median per case."""
     import wfnet

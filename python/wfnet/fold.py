@@ -91,6 +91,16 @@ def activate(y: torch.Tensor, act: str, in_place: bool) -> torch.Tensor:
     return fn(y, inplace=in_place and not _needs_graph(y))
 
 
+# their derivatives, as PyTorch's autograd computes them (the torch backend's hand-written backward uses these):
+# from the OUTPUT where PyTorch does so too (relu, relu6: the pre-activation need not be kept), else from the input
+ACT_GRAD_FROM_OUTPUT = {"relu": lambda dy, y: torch.ops.aten.threshold_backward(dy, y, 0),
+                        "relu6": lambda dy, y: torch.ops.aten.hardtanh_backward(dy, y, 0.0, 6.0)}
+ACT_GRAD_FROM_INPUT = {"silu": torch.ops.aten.silu_backward,
+                       "gelu": lambda dy, x: torch.ops.aten.gelu_backward(dy, x, approximate="none"),
+                       "hardswish": torch.ops.aten.hardswish_backward,
+                       "hardsigmoid": torch.ops.aten.hardsigmoid_backward}
+
+
 def _needs_graph(y):
     return torch.is_grad_enabled() and y.requires_grad
 

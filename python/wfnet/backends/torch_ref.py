@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..fold import activate
+from ..fold import ACT_GRAD_FROM_INPUT as _FROM_INPUT
+from ..fold import ACT_GRAD_FROM_OUTPUT as _FROM_OUTPUT
+from ..fold import ACT_NAMES, activate
 
 
 def gate_dtype(alpha: torch.Tensor) -> torch.dtype:
@@ -121,11 +123,11 @@ def _innermost(z: torch.Tensor, g: torch.Tensor) -> bool:
     return any(z.stride(d) == 1 and g.shape[d] == z.shape[d] for d in range(1, z.dim()))
 
 
-def _affine_into(out: torch.Tensor, z: torch.Tensor, g: torch.Tensor, b) -> torch.Tensor:
-    """``out = z * g + b`` (``out`` may be ``z``)."""
+def _affine_into(out: torch.Tensor, z: torch.Tensor, g: torch.Tensor, b, one_pass: bool) -> torch.Tensor:
+    """``out = z * g + b`` (``out`` may be ``z``); ``one_pass``: :func:`_innermost` of the whole tensor."""
     if b is None:
         return torch.mul(z, g, out=out)
-    if _innermost(z, g):
+    if one_pass:
         return torch.addcmul(b, z, g, out=out)  # one vectorised pass
     return torch.mul(z, g, out=out).add_(b)  # NCHW: two vectorised passes beat addcmul's scalar loop
 
@@ -144,21 +146,13 @@ def _act_into(out: torch.Tensor, pre: torch.Tensor, act: str) -> None:
 def _epilogue_blocks(z, g, b, act, out, pre=None, blocks=None):
     """``out = act(z * g + b)`` block by block (``blocks``, default :func:`_blocks`; ``out`` may be ``z``); with
     ``pre`` also the pre-activation."""
+    one_pass = _innermost(z, g)
     for i, j in blocks or _blocks(z):
         o = out[i:j]
         p = o if pre is None else pre[i:j]
-        _affine_into(p, z[i:j], _rows(g, i, j), _rows(b, i, j))
+        _affine_into(p, z[i:j], _rows(g, i, j), _rows(b, i, j), one_pass)
         _act_into(o, p, act)
     return out
-
-
-# activations whose derivative PyTorch itself computes from the OUTPUT (so the pre-activation need not be kept)
-_FROM_OUTPUT = {"relu": lambda dy, y: torch.ops.aten.threshold_backward(dy, y, 0),
-                "relu6": lambda dy, y: torch.ops.aten.hardtanh_backward(dy, y, 0.0, 6.0)}
-_FROM_INPUT = {"silu": torch.ops.aten.silu_backward,
-               "gelu": lambda dy, x: torch.ops.aten.gelu_backward(dy, x, approximate="none"),
-               "hardswish": torch.ops.aten.hardswish_backward,
-               "hardsigmoid": torch.ops.aten.hardsigmoid_backward}
 
 
 def _reduce_dims(t: torch.Tensor, like: torch.Tensor) -> list[int]:
@@ -186,13 +180,13 @@ def _sum(t: torch.Tensor, dims: list[int], dtype: torch.dtype) -> torch.Tensor:
 class _GateEpilogue(torch.autograd.Function):
     """``act(z * gate + gated_bias)`` with a hand-written, blocked backward (see the comment above): the gate
     gradients are ``sum(dpre * z)`` and ``sum(dpre)`` over the broadcast dims, the input gradient ``dpre * gate``;
-    numerically the formula autograd differentiates (tests/test_backends.py checks every activation, dtype, layout
-    and combination of inputs needing gradients against it, and gradcheck in fp64)."""
+    numerically the formula autograd differentiates (tests/test_torch_epilogue.py checks every activation, dtype,
+    layout and combination of inputs needing gradients against it, and gradcheck in fp64)."""
 
     @staticmethod
     def forward(ctx, z, gate, gated_bias, act):
-        if act not in _FROM_OUTPUT and act not in _FROM_INPUT and act != "none":
-            raise ValueError(f"unknown activation {act!r}")
+        if act not in ACT_NAMES:
+            raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACT_NAMES)}")
         g = gate.to(z.dtype)
         b = None if gated_bias is None else gated_bias.to(z.dtype)
         y = torch.empty_like(z)
